@@ -1,0 +1,118 @@
+"""The compressor contract: a flat fp32 tensor in, a fixed-size wire payload out, and back."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar, Sequence
+
+import torch
+
+__all__ = ["Compressor", "pack_parts", "split_parts", "num_blocks"]
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """Number of blocks of ``block_size`` needed to cover ``numel`` elements."""
+    return -(-numel // block_size)
+
+
+def pack_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors of any dtype into one flat uint8 wire buffer."""
+    return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
+
+
+def split_parts(buffer: torch.Tensor, spec: Sequence[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_parts` for a list of ``(numel, dtype)``."""
+    out, offset = [], 0
+    for numel, dtype in spec:
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        out.append(buffer[offset : offset + nbytes].view(dtype))
+        offset += nbytes
+    if offset != buffer.numel():
+        raise RuntimeError(f"payload holds {buffer.numel()} bytes, layout expects {offset}")
+    return out
+
+
+class Compressor(ABC):
+    """Turns a flat fp32 tensor into a fixed-size payload and back.
+
+    The payload size depends only on ``numel`` and the compressor's settings, never on
+    the values, so payloads of every rank line up in fixed-size collectives.
+
+    Class attributes:
+        name: the registry name (``CompressionConfig.compressor``).
+        unbiased: ``E[decode(encode(x))] == x``; such compressors report ``omega``
+            with ``E||Q(x) - x||^2 <= omega ||x||^2``.
+        summable: payloads of several ranks can be added by an allreduce and the sum
+            decodes to the sum of the decoded payloads.
+        shared_randomness: the seed must be the same on every rank (rand-k indices).
+        payload_dtype: dtype of the payload tensor (``uint8`` for packed layouts).
+    """
+
+    name: ClassVar[str]
+    unbiased: ClassVar[bool] = False
+    summable: ClassVar[bool] = False
+    shared_randomness: ClassVar[bool] = False
+    payload_dtype: ClassVar[torch.dtype] = torch.uint8
+
+    def __init__(self, *, density: float = 1.0, bits: int = 8, block_size: int = 1024, sample_fraction: float = 0.01):
+        self.density = density
+        self.bits = bits
+        self.block_size = block_size
+        self.sample_fraction = sample_fraction
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(density={self.density}, bits={self.bits}, block_size={self.block_size})"
+
+    # ----- sizes -----------------------------------------------------------------------
+    @abstractmethod
+    def payload_numel(self, numel: int) -> int:
+        """Elements of ``payload_dtype`` in the payload for an input of ``numel`` elements."""
+
+    def payload_nbytes(self, numel: int) -> int:
+        """Bytes of the payload for an input of ``numel`` elements."""
+        return self.payload_numel(numel) * torch.empty((), dtype=self.payload_dtype).element_size()
+
+    @abstractmethod
+    def nominal_bits_per_element(self) -> float:
+        """Bits per element on the wire for a large input, from the format's definition."""
+
+    def bits_per_element(self, numel: int) -> float:
+        """Bits per element on the wire for an input of ``numel`` elements (padding included)."""
+        return 8.0 * self.payload_nbytes(numel) / max(numel, 1)
+
+    # ----- theory ----------------------------------------------------------------------
+    def omega(self, numel: int) -> float | None:
+        """Variance bound of an unbiased compressor, ``None`` for a biased one."""
+        return None
+
+    def alpha(self, numel: int) -> float:
+        """Contraction: ``E||C(x) - x||^2 <= (1 - alpha) ||x||^2``; 0 when there is no such bound."""
+        omega = self.omega(numel)
+        return max(0.0, 1.0 - omega) if omega is not None else 0.0
+
+    # ----- data ------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Compress a flat fp32 tensor into a new payload tensor (never a view of ``x``)."""
+
+    @abstractmethod
+    def decode(self, payload: torch.Tensor, numel: int, seed: int = 0) -> torch.Tensor:
+        """Rebuild a flat fp32 tensor of ``numel`` elements from a payload."""
+
+    def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Add the decoded payload into ``out`` (fp32, flat) in place."""
+        return out.add_(self.decode(payload, out.numel(), seed))
+
+    @staticmethod
+    def _count(numel: int, density: float) -> int:
+        """Elements kept by a sparsifier: ``ceil(density * numel)``, at least one."""
+        if numel == 0:
+            return 0
+        return min(numel, max(1, math.ceil(density * numel - 1e-9)))
+
+    @staticmethod
+    def _generator(seed: int, device: torch.device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        return gen

@@ -1,0 +1,139 @@
+"""Sparsifiers: exact top-k, sampled-threshold top-k (DGC) and random-k.
+
+Top-k and DGC payloads carry ``k`` fp32 values then ``k`` int32 indices (64 bits per
+kept element). Random-k draws its indices from a seed shared by every rank, so its
+payload is the ``k`` values only and payloads of several ranks can be summed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_compress.compressors.base import Compressor, pack_parts, split_parts
+
+__all__ = ["TopKCompressor", "DGCCompressor", "RandKCompressor"]
+
+
+class _IndexedSparse(Compressor):
+    """Payload = k fp32 values followed by k int32 indices."""
+
+    def k(self, numel: int) -> int:
+        return self._count(numel, self.density)
+
+    def payload_numel(self, numel: int) -> int:
+        return 8 * self.k(numel)
+
+    def nominal_bits_per_element(self) -> float:
+        return 64.0 * self.density
+
+    def alpha(self, numel: int) -> float:
+        return self.k(numel) / numel if numel else 1.0
+
+    def _payload(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return pack_parts([x[idx], idx.to(torch.int32)])
+
+    def _split(self, payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.k(numel)
+        values, idx = split_parts(payload, [(k, torch.float32), (k, torch.int32)])
+        return values, idx.long()
+
+    def decode(self, payload: torch.Tensor, numel: int, seed: int = 0) -> torch.Tensor:
+        return self.decode_add_(payload, torch.zeros(numel, dtype=torch.float32, device=payload.device), seed)
+
+    def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        values, idx = self._split(payload, out.numel())
+        return out.index_add_(0, idx, values)
+
+
+class TopKCompressor(_IndexedSparse):
+    """Keep the ``k = ceil(density * n)`` entries of largest magnitude. Biased, alpha = k/n."""
+
+    name = "topk"
+
+    def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        idx = torch.topk(x.abs(), self.k(x.numel()), sorted=False).indices
+        return self._payload(x, idx)
+
+
+class DGCCompressor(_IndexedSparse):
+    """Top-k by a threshold estimated on a random sample (Lin et al., ICLR 2018).
+
+    The threshold is the magnitude that a ``density`` fraction of the sample exceeds.
+    When more than ``k`` entries pass it, the exact top-k of those is kept; when fewer
+    pass, the payload is padded with zero values so that it always holds ``k`` entries.
+    """
+
+    name = "dgc"
+
+    def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        n, k = x.numel(), self.k(x.numel())
+        magnitude = x.abs()
+        sample_size = max(int(self.sample_fraction * n), min(n, 1024))
+        if sample_size >= n:
+            return self._payload(x, torch.topk(magnitude, k, sorted=False).indices)
+        gen = self._generator(seed, x.device)
+        sample = magnitude[torch.randint(0, n, (sample_size,), generator=gen, device=x.device)]
+        rank_in_sample = max(1, min(sample_size, round(sample_size * k / n)))
+        threshold = torch.topk(sample, rank_in_sample, sorted=False).values.min()
+        idx = torch.nonzero(magnitude >= threshold).reshape(-1)
+        if idx.numel() > k:
+            idx = idx[torch.topk(magnitude[idx], k, sorted=False).indices]
+        values = x[idx]
+        if idx.numel() < k:
+            pad = k - idx.numel()
+            values = torch.cat([values, values.new_zeros(pad)])
+            idx = torch.cat([idx, idx.new_zeros(pad)])
+        return pack_parts([values, idx.to(torch.int32)])
+
+    def alpha(self, numel: int) -> float:
+        # The kept set is a top-m set for some 1 <= m <= k.
+        return 1.0 / numel if numel else 1.0
+
+
+class RandKCompressor(Compressor):
+    """Keep ``k`` uniformly random entries scaled by ``n / k``. Unbiased, omega = n/k - 1.
+
+    The indices come from the seed alone, so every rank that uses the same seed picks
+    the same entries and the value payloads can be summed by an allreduce.
+    """
+
+    name = "randk"
+    unbiased = True
+    summable = True
+    shared_randomness = True
+    payload_dtype = torch.float32
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._cached: tuple[tuple, torch.Tensor] | None = None
+
+    def k(self, numel: int) -> int:
+        return self._count(numel, self.density)
+
+    def payload_numel(self, numel: int) -> int:
+        return self.k(numel)
+
+    def nominal_bits_per_element(self) -> float:
+        return 32.0 * self.density
+
+    def omega(self, numel: int) -> float:
+        return numel / self.k(numel) - 1.0 if numel else 0.0
+
+    def indices(self, numel: int, seed: int, device: torch.device) -> torch.Tensor:
+        """The ``k`` indices drawn for ``seed`` (the same on every rank)."""
+        key = (numel, self.k(numel), seed, str(device))
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        idx = torch.randperm(numel, generator=self._generator(seed, device), device=device)[: key[1]]
+        self._cached = (key, idx)
+        return idx
+
+    def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        n = x.numel()
+        return x[self.indices(n, seed, x.device)] * (n / self.k(n))
+
+    def decode(self, payload: torch.Tensor, numel: int, seed: int = 0) -> torch.Tensor:
+        return self.decode_add_(payload, torch.zeros(numel, dtype=torch.float32, device=payload.device), seed)
+
+    def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        return out.index_add_(0, self.indices(out.numel(), seed, out.device), payload.to(torch.float32))

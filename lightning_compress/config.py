@@ -1,0 +1,209 @@
+"""``CompressionConfig``: what to compress, how to keep the error, how to move it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from kernels import SUPPORTED_BITS
+from lightning_compress.compressors import COMPRESSORS, Compressor
+
+__all__ = ["CompressionConfig", "FEEDBACKS", "TRANSPORTS"]
+
+FEEDBACKS = ("none", "ef", "ef21", "diana", "doublesqueeze")
+TRANSPORTS = ("auto", "allreduce", "allgather", "two_pass")
+
+
+def _choices(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Settings of the compressed gradient exchange, validated on construction.
+
+    Args:
+        compressor: payload format, one of ``none fp16 bf16 topk dgc randk qsgd terngrad natural sign``.
+        density: fraction of entries kept by ``topk``/``dgc``/``randk``, in (0, 1]; lower compresses more.
+        bits: magnitude bits of ``qsgd`` (1, 2, 4 or 8; a sign bit is added); lower compresses more.
+        feedback: error compensation, one of ``none ef ef21 diana doublesqueeze``.
+        transport: ``auto`` (the cheapest correct one), ``allreduce``, ``allgather`` or ``two_pass``.
+        warmup_steps: optimizer steps exchanged densely before compression starts (>= 0).
+        min_numel: tensors with fewer elements, and all 1-D tensors, are exchanged densely.
+        block_size: elements per scale of ``sign``/``qsgd``/``terngrad``; larger compresses more.
+        seed: base seed of every random choice (rand-k indices, stochastic rounding).
+        diana_alpha: DIANA shift step size in (0, 1]; default ``1 / (omega + 1)``.
+        dgc_sample_fraction: fraction of entries ``dgc`` samples to estimate its threshold.
+
+    Raises:
+        ValueError: an option has a value outside what is allowed, or options do not fit together.
+        TypeError: an option has the wrong type.
+
+    Example::
+
+        >>> CompressionConfig.from_string("compressor=sign,feedback=doublesqueeze").transport_resolved
+        'two_pass'
+    """
+
+    compressor: str = "sign"
+    density: float = 0.01
+    bits: int = 4
+    feedback: str = "ef"
+    transport: str = "auto"
+    warmup_steps: int = 0
+    min_numel: int = 1024
+    block_size: int = 1024
+    seed: int = 0
+    diana_alpha: float | None = None
+    dgc_sample_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = _FIELD_TYPES[f.name]
+            if value is None and f.name == "diana_alpha":
+                continue
+            ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
+            if not ok:
+                names = " or ".join(t.__name__ for t in expected)
+                raise TypeError(f"`{f.name}` must be {names}; got {type(value).__name__} {value!r}")
+        _choices("compressor", self.compressor, tuple(COMPRESSORS))
+        _choices("feedback", self.feedback, FEEDBACKS)
+        _choices("transport", self.transport, TRANSPORTS)
+        if not (0.0 < self.density <= 1.0) or math.isnan(self.density):
+            raise ValueError(f"`density` is the fraction of entries kept and must be in (0, 1]; got {self.density!r}")
+        _choices("bits", self.bits, SUPPORTED_BITS)
+        if self.warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0; got {self.warmup_steps!r}")
+        if self.min_numel < 0:
+            raise ValueError(f"`min_numel` must be >= 0; got {self.min_numel!r}")
+        if self.block_size < 1:
+            raise ValueError(f"`block_size` must be >= 1; got {self.block_size!r}")
+        if self.seed < 0:
+            raise ValueError(f"`seed` must be >= 0; got {self.seed!r}")
+        if self.diana_alpha is not None and not (0.0 < self.diana_alpha <= 1.0):
+            raise ValueError(f"`diana_alpha` must be in (0, 1] or None; got {self.diana_alpha!r}")
+        if not (0.0 < self.dgc_sample_fraction <= 1.0):
+            raise ValueError(f"`dgc_sample_fraction` must be in (0, 1]; got {self.dgc_sample_fraction!r}")
+        self._check_pairing()
+
+    # ----- pairing rules -------------------------------------------------------------------
+    def _check_pairing(self) -> None:
+        comp = self.make_compressor()
+        probe = max(self.block_size, 1 << 20)  # a large tensor: the bounds that matter in practice
+        if self.feedback == "diana" and not comp.unbiased:
+            unbiased = tuple(n for n, c in COMPRESSORS.items() if c.unbiased)
+            raise ValueError(
+                f"`feedback='diana'` needs an unbiased compressor, one of {unbiased}; got `compressor={self.compressor!r}` "
+                "(biased). Use `feedback='ef21'` or `'ef'` with biased compressors."
+            )
+        if self.feedback == "ef21" and comp.alpha(probe) <= 0.0:
+            raise ValueError(
+                f"`feedback='ef21'` needs a contractive compressor (E||C(x)-x||^2 <= (1-alpha)||x||^2, alpha > 0); "
+                f"`compressor={self.compressor!r}` with these settings has omega={comp.omega(probe):.3g} >= 1. "
+                "Use topk, dgc, sign, natural, fp16 or bf16, more `bits`, or `feedback='diana'`."
+            )
+        if self.feedback == "none" and not comp.unbiased and self.compressor not in ("none", "fp16", "bf16"):
+            warnings.warn(
+                f"`feedback='none'` with the biased compressor {self.compressor!r} drops the compression error for "
+                "good and may not converge; consider `feedback='ef'`.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.feedback in ("ef", "doublesqueeze") and comp.unbiased and comp.alpha(probe) <= 0.0:
+            warnings.warn(
+                f"`feedback={self.feedback!r}` with {self.compressor!r} (omega={comp.omega(probe):.3g} >= 1) has no "
+                "contraction guarantee and its residual may grow; use more `bits`, a smaller `block_size`, a larger "
+                "`density`, or `feedback='diana'`.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.transport == "allreduce" and not comp.summable:
+            summable = tuple(n for n, c in COMPRESSORS.items() if c.summable)
+            raise ValueError(
+                f"`transport='allreduce'` can only carry payloads that add up, from one of {summable}; got "
+                f"`compressor={self.compressor!r}`. Use `transport='allgather'`, `'two_pass'` or `'auto'`."
+            )
+        if self.feedback == "doublesqueeze" and self.transport not in ("auto", "two_pass"):
+            raise ValueError(
+                f"`feedback='doublesqueeze'` compresses on the aggregating side too and needs `transport='two_pass'` "
+                f"(or 'auto'); got `transport={self.transport!r}`"
+            )
+
+    # ----- derived ---------------------------------------------------------------------------
+    @property
+    def transport_resolved(self) -> str:
+        """The transport ``auto`` stands for: two-pass for DoubleSqueeze, allreduce when payloads add up."""
+        if self.transport != "auto":
+            return self.transport
+        if self.feedback == "doublesqueeze":
+            return "two_pass"
+        return "allreduce" if COMPRESSORS[self.compressor].summable else "allgather"
+
+    def make_compressor(self) -> Compressor:
+        """A compressor instance with this config's settings."""
+        return COMPRESSORS[self.compressor](
+            density=self.density, bits=self.bits, block_size=self.block_size, sample_fraction=self.dgc_sample_fraction
+        )
+
+    def replace(self, **changes: Any) -> "CompressionConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict of the settings (safe for ``torch.load(weights_only=True)``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "CompressionConfig":
+        """Build from a mapping; unknown keys raise ``ValueError`` naming the allowed ones."""
+        unknown = sorted(set(values) - set(_FIELD_TYPES))
+        if unknown:
+            raise ValueError(f"unknown compression option(s) {unknown}; allowed: {sorted(_FIELD_TYPES)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_string(cls, text: str) -> "CompressionConfig":
+        """Parse ``"key=value,key=value"``; values are converted to each field's type."""
+        values: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, raw = item.partition("=")
+            key, raw = key.strip(), raw.strip()
+            if not sep or not key:
+                raise ValueError(f"compression setting {item!r} is not of the form key=value (in {text!r})")
+            if key not in _FIELD_TYPES:
+                raise ValueError(f"unknown compression option {key!r} in {text!r}; allowed: {sorted(_FIELD_TYPES)}")
+            values[key] = _parse_value(key, raw)
+        return cls.from_dict(values)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "compressor": (str,),
+    "density": (float, int),
+    "bits": (int,),
+    "feedback": (str,),
+    "transport": (str,),
+    "warmup_steps": (int,),
+    "min_numel": (int,),
+    "block_size": (int,),
+    "seed": (int,),
+    "diana_alpha": (float, int),
+    "dgc_sample_fraction": (float, int),
+}
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    types = _FIELD_TYPES[key]
+    if key == "diana_alpha" and raw.lower() in ("none", ""):
+        return None
+    if str in types:
+        return raw
+    try:
+        return int(raw) if types[0] is int else float(raw)
+    except ValueError:
+        kind = "an integer" if types[0] is int else "a number"
+        raise ValueError(f"`{key}` must be {kind}; got {raw!r}") from None
