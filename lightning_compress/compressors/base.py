@@ -8,7 +8,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-__all__ = ["Compressor", "pack_parts", "split_parts", "num_blocks"]
+__all__ = ["Compressor", "pack_parts", "split_parts", "num_blocks", "bytes_as"]
 
 
 def num_blocks(numel: int, block_size: int) -> int:
@@ -21,12 +21,21 @@ def pack_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
 
 
+def bytes_as(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret a uint8 slice as ``dtype``, copying it only when it is misaligned."""
+    if buffer.dtype == dtype:
+        return buffer
+    if buffer.storage_offset() % torch.empty((), dtype=dtype).element_size():
+        buffer = buffer.clone()
+    return buffer.view(dtype)
+
+
 def split_parts(buffer: torch.Tensor, spec: Sequence[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
     """Inverse of :func:`pack_parts` for a list of ``(numel, dtype)``."""
     out, offset = [], 0
     for numel, dtype in spec:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        out.append(buffer[offset : offset + nbytes].view(dtype))
+        out.append(bytes_as(buffer[offset : offset + nbytes], dtype))
         offset += nbytes
     if offset != buffer.numel():
         raise RuntimeError(f"payload holds {buffer.numel()} bytes, layout expects {offset}")
@@ -98,7 +107,11 @@ class Compressor(ABC):
 
     @abstractmethod
     def decode(self, payload: torch.Tensor, numel: int, seed: int = 0) -> torch.Tensor:
-        """Rebuild a flat fp32 tensor of ``numel`` elements from a payload."""
+        """Rebuild a flat fp32 tensor of ``numel`` elements from a payload.
+
+        Only ``shared_randomness`` compressors read ``seed`` here, and it is the same on
+        every rank, so any rank can decode any rank's payload.
+        """
 
     def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Add the decoded payload into ``out`` (fp32, flat) in place."""

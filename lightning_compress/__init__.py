@@ -1,0 +1,21 @@
+"""lightning-compress: compressed, error-compensated gradient exchange for data-parallel PyTorch."""
+
+from lightning_compress.compressors import COMPRESSORS, Compressor
+from lightning_compress.config import FEEDBACKS, TRANSPORTS, CompressionConfig
+from lightning_compress.hook import compression_hook, get_compression_state, register_compression
+from lightning_compress.state import CompressionState, CompressionStats
+
+__all__ = [
+    "COMPRESSORS",
+    "FEEDBACKS",
+    "TRANSPORTS",
+    "Compressor",
+    "CompressionConfig",
+    "CompressionState",
+    "CompressionStats",
+    "compression_hook",
+    "get_compression_state",
+    "register_compression",
+]
+
+__version__ = "0.1.0"

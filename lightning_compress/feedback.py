@@ -1,0 +1,140 @@
+"""Error compensation: the memory each rank keeps between steps, per parameter.
+
+All vectors are flat fp32 and in units of one rank's share of the average, i.e.
+``x_i = grad_i / world_size``, so that the sum over ranks is the averaged gradient.
+One step for a parameter is::
+
+    v = scheme.compress_input(x, mem)          # what this rank compresses
+    p = compressor.encode(v); d = decode(p)    # d: this rank's own decoded message
+    new_local = scheme.worker_update(v, d, mem)
+    agg = sum over ranks of decode(p_j)        # the transport's job
+    out, new_shared = scheme.result(agg, mem)  # what goes back into the gradient
+
+Memory is only written after the exchange succeeded (see the hook), so the
+methods return new tensors instead of updating ``mem`` in place.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from lightning_compress.compressors import Compressor
+
+__all__ = ["Feedback", "NoFeedback", "ErrorFeedback", "EF21", "DIANA", "DoubleSqueeze", "make_feedback"]
+
+Memory = dict[str, torch.Tensor]
+
+
+class Feedback:
+    """No memory: plain compressed SGD, ``out = sum_i C(x_i)``."""
+
+    name: ClassVar[str] = "none"
+    memory_keys: ClassVar[tuple[str, ...]] = ()
+    #: keys holding the same value on every rank (updated from the aggregate only)
+    shared_keys: ClassVar[tuple[str, ...]] = ()
+
+    def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
+        return x
+
+    def worker_update(self, v: torch.Tensor, decoded: torch.Tensor, mem: Memory) -> Memory:
+        return {}
+
+    def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
+        return aggregate, {}
+
+
+NoFeedback = Feedback
+
+
+class ErrorFeedback(Feedback):
+    """Error feedback (Seide et al. 2014; Karimireddy et al. 2019): ``v = x + e; e = v - C(v)``."""
+
+    name = "ef"
+    memory_keys = ("residual",)
+
+    def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
+        return x + mem["residual"]
+
+    def worker_update(self, v: torch.Tensor, decoded: torch.Tensor, mem: Memory) -> Memory:
+        return {"residual": v - decoded}
+
+
+class DoubleSqueeze(ErrorFeedback):
+    """DoubleSqueeze (Tang et al., ICML 2019): worker error as in EF, plus a server error.
+
+    The server side (compress the aggregated shard plus its error) lives in the two-pass
+    transport, which keeps the server error per parameter shard.
+    """
+
+    name = "doublesqueeze"
+
+
+class EF21(Feedback):
+    """EF21 (Richtarik, Sokolov, Fatkhullin, NeurIPS 2021).
+
+    Each rank keeps ``g_i`` (``local``) and sends ``c_i = C(x_i - g_i)``, then ``g_i += c_i``;
+    every rank keeps ``g = sum_i g_i`` (``global``) and moves it by ``sum_i c_i``.
+    """
+
+    name = "ef21"
+    memory_keys = ("local", "global")
+    shared_keys = ("global",)
+
+    def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
+        return x - mem["local"]
+
+    def worker_update(self, v: torch.Tensor, decoded: torch.Tensor, mem: Memory) -> Memory:
+        return {"local": mem["local"] + decoded}
+
+    def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
+        out = mem["global"] + aggregate
+        return out, {"global": out}
+
+
+class DIANA(Feedback):
+    """DIANA / shifted compression (Mishchenko et al. 2019; Shulgin and Richtarik, UAI 2022).
+
+    ``g_hat_i = h_i + Q(x_i - h_i)`` and ``h_i += alpha * Q(x_i - h_i)``; every rank keeps
+    ``H = sum_i h_i`` (``global_shift``) so that ``out = H + sum_i Q(x_i - h_i)``.
+    """
+
+    name = "diana"
+    memory_keys = ("shift", "global_shift")
+    shared_keys = ("global_shift",)
+
+    def __init__(self, compressor: Compressor, alpha: float | None = None):
+        self.compressor = compressor
+        self.fixed_alpha = alpha
+
+    def alpha(self, numel: int) -> float:
+        """The shift step: the configured one, else ``1 / (omega + 1)`` for this tensor size."""
+        if self.fixed_alpha is not None:
+            return self.fixed_alpha
+        return 1.0 / (self.compressor.omega(numel) + 1.0)
+
+    def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
+        return x - mem["shift"]
+
+    def worker_update(self, v: torch.Tensor, decoded: torch.Tensor, mem: Memory) -> Memory:
+        return {"shift": mem["shift"] + self.alpha(v.numel()) * decoded}
+
+    def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
+        step = self.alpha(aggregate.numel())
+        return mem["global_shift"] + aggregate, {"global_shift": mem["global_shift"] + step * aggregate}
+
+
+def make_feedback(name: str, compressor: Compressor, *, diana_alpha: float | None = None) -> Feedback:
+    """The scheme called ``name``; DIANA's step is ``diana_alpha`` or ``1 / (omega + 1)``."""
+    if name == "none":
+        return Feedback()
+    if name == "ef":
+        return ErrorFeedback()
+    if name == "doublesqueeze":
+        return DoubleSqueeze()
+    if name == "ef21":
+        return EF21()
+    if name == "diana":
+        return DIANA(compressor, diana_alpha)
+    raise ValueError(f"`feedback` must be one of ('none', 'ef', 'ef21', 'diana', 'doublesqueeze'); got {name!r}")

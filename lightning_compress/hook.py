@@ -1,0 +1,173 @@
+"""The DDP communication hook and ``register_compression``.
+
+This is the only module that knows about DDP's ``GradBucket``.
+"""
+
+
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_compress.config import CompressionConfig
+from lightning_compress.state import CompressionState
+from lightning_compress.transport import exchange, shard_size
+
+__all__ = ["compression_hook", "register_compression"]
+
+_ATTR = "_lightning_compress_state"
+
+
+def _done(tensor: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(tensor)
+    return fut
+
+
+def _dense_allreduce(state: CompressionState, tensor: torch.Tensor) -> None:
+    # Divide first, as DDP's default hook does, so low-precision buckets do not overflow.
+    tensor.div_(state.world_size)
+    state.collectives.allreduce_(tensor)
+
+
+def _compressible(state: CompressionState, param: torch.Tensor) -> bool:
+    return param.dim() > 1 and param.numel() >= max(state.config.min_numel, 1)
+
+
+def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Compressed, error-compensated averaging of one DDP gradient bucket.
+
+    1. During warm-up, or when no tensor of the bucket is compressible (1-D or smaller than
+       ``min_numel``), the bucket is averaged densely.
+    2. Otherwise each compressible gradient ``x = grad / world`` goes through the feedback
+       scheme (``v = x + e`` for EF), is compressed, and the transport sums the decoded
+       payloads of all ranks; the remaining tensors are averaged densely.
+    3. If any rank's bucket holds inf/NaN, every rank learns it from a flag in the payload
+       and the whole bucket is averaged densely instead, leaving memory untouched, so a
+       gradient scaler sees the overflow and skips the step.
+    4. Memory is written only after a successful exchange. The last bucket closes the step.
+
+    Example::
+
+        >>> state = CompressionState(CompressionConfig(), {})  # doctest: +SKIP
+        >>> ddp_model.register_comm_hook(state, compression_hook)  # doctest: +SKIP
+    """
+    buffer = bucket.buffer()
+    params, grads = bucket.parameters(), bucket.gradients()
+    dense_bytes = buffer.numel() * buffer.element_size()
+    chosen = [i for i, p in enumerate(params) if _compressible(state, p)]
+    if state.step < state.config.warmup_steps or not chosen:
+        _dense_allreduce(state, buffer)
+        state.record(dense_bytes=dense_bytes)
+    else:
+        _compressed_exchange(state, params, grads, chosen, buffer)
+        state.record(dense_bytes=dense_bytes)
+    if bucket.is_last():
+        state.finish_step()
+    return _done(buffer)
+
+
+def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
+    world, comp, fb = state.world_size, state.compressor, state.feedback
+    names = [state.param_names[id(params[i])] for i in chosen]
+    xs = [grads[i].detach().reshape(-1).to(torch.float32).div(world) for i in chosen]
+    mems = [state.memory_for(name, x.numel(), x.device) for name, x in zip(names, xs)]
+    vs = [fb.compress_input(x, mem) for x, mem in zip(xs, mems)]
+    local_finite = bool(torch.isfinite(buffer).all())
+
+    kwargs: dict[str, Any] = {}
+    seeds = [state.seed(n) if comp.shared_randomness else state.rank_seed(n) for n in names]
+    if state.transport == "two_pass":
+        server = None
+        if state.config.feedback == "doublesqueeze":
+            server = []
+            for name, x in zip(names, xs):
+                s = shard_size(x.numel(), world)
+                mem = state.server_memory.get(name)
+                server.append(mem if mem is not None and mem.numel() == s else x.new_zeros(s))
+        pick = state.seed if comp.shared_randomness else state.rank_seed
+        kwargs = dict(
+            server_memory=server,
+            shard_seed=lambda i, j: pick(names[i], j),
+            server_seed=lambda i, r: state.seed(names[i], state.world_size + r),
+        )
+    result = exchange(state.transport, state.collectives, comp, vs, seeds, local_finite, **kwargs)
+
+    if not result.finite:
+        _dense_allreduce(state, buffer)
+        return
+    err = norm = 0.0
+    for k, (name, v, mem, own, agg) in enumerate(zip(names, vs, mems, result.decoded, result.aggregates)):
+        out, shared = fb.result(agg, mem)
+        mem.update(fb.worker_update(v, own, mem))
+        mem.update(shared)
+        if result.server_memory:
+            state.server_memory[name] = result.server_memory[k]
+        grads[chosen[k]].copy_(out.view_as(grads[chosen[k]]))
+        err += float(torch.sum((v - own) ** 2))
+        norm += float(torch.sum(v * v))
+    chosen_set = set(chosen)
+    rest = [g for i, g in enumerate(grads) if i not in chosen_set]
+    if rest:
+        flat = torch.cat([g.reshape(-1) for g in rest])
+        _dense_allreduce(state, flat)
+        for g, piece in zip(rest, torch.split(flat, [g.numel() for g in rest])):
+            g.copy_(piece.view_as(g))
+    state.record(dense_bytes=0, err=err, norm=norm, compressed=True)
+
+
+def register_compression(
+    ddp_model: DistributedDataParallel,
+    config: CompressionConfig | Mapping[str, Any] | str | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> CompressionState:
+    """Register compressed gradient exchange on a DDP model; returns its state.
+
+    Args:
+        ddp_model: a ``torch.nn.parallel.DistributedDataParallel`` model without a comm hook.
+        config: a :class:`CompressionConfig`, a dict of its fields, or the inline form
+            ``"compressor=sign,feedback=ef"``; ``None`` means the defaults.
+        process_group: the group DDP reduces over; ``None`` for the default group.
+
+    Returns:
+        The :class:`CompressionState`: ``.stats`` for bytes and gain, ``.state_dict()`` for
+        checkpoints, ``.request_update()`` for controllers.
+
+    Raises:
+        TypeError: ``ddp_model`` is not a DDP model, or ``config`` is of an unsupported type.
+        RuntimeError: compression is already registered on this model.
+
+    Example::
+
+        >>> ddp = DistributedDataParallel(model)  # doctest: +SKIP
+        >>> state = register_compression(ddp, "compressor=topk,density=0.01,feedback=ef21")  # doctest: +SKIP
+        >>> state.stats.ratio  # doctest: +SKIP
+    """
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(
+            f"register_compression needs a torch.nn.parallel.DistributedDataParallel model; got {type(ddp_model).__name__}"
+        )
+    if getattr(ddp_model, _ATTR, None) is not None:
+        raise RuntimeError(
+            "compression is already registered on this DDP model (DDP accepts one comm hook); "
+            "use the CompressionState returned by the first register_compression call"
+        )
+    if config is None:
+        config = CompressionConfig()
+    elif isinstance(config, str):
+        config = CompressionConfig.from_string(config)
+    elif isinstance(config, Mapping):
+        config = CompressionConfig.from_dict(config)
+    elif not isinstance(config, CompressionConfig):
+        raise TypeError(f"`config` must be a CompressionConfig, a dict or a 'key=value,...' string; got {type(config)}")
+    names = {id(p): name for name, p in ddp_model.module.named_parameters()}
+    state = CompressionState(config, names, process_group)
+    ddp_model.register_comm_hook(state, compression_hook)
+    setattr(ddp_model, _ATTR, state)
+    return state
+
+
+def get_compression_state(ddp_model: DistributedDataParallel) -> CompressionState | None:
+    """The state registered on ``ddp_model`` by :func:`register_compression`, if any."""
+    return getattr(ddp_model, _ATTR, None)

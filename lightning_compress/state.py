@@ -1,0 +1,261 @@
+"""``CompressionState``: config, per-rank memory, step counter and statistics of one DDP model."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+from lightning_compress.config import CompressionConfig
+from lightning_compress.feedback import make_feedback
+from lightning_compress.transport import Collectives
+
+__all__ = ["CompressionState", "CompressionStats", "mix_seed"]
+
+log = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 chained), identical in every process."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+@dataclass
+class CompressionStats:
+    """What the exchange cost, for the last finished step and since registration.
+
+    ``bytes_*`` count what was handed to collectives; ``dense_bytes_*`` what a dense DDP
+    allreduce of the same buckets would have been handed; ``sent_bytes_*`` estimate what
+    this rank transmitted (see :class:`~lightning_compress.transport.Collectives`).
+    ``gain`` is ``1 - ||C(v) - v||^2 / ||v||^2`` over the compressed tensors of the last step.
+    """
+
+    steps: int = 0
+    bytes_last_step: int = 0
+    dense_bytes_last_step: int = 0
+    sent_bytes_last_step: float = 0.0
+    bytes_total: int = 0
+    dense_bytes_total: int = 0
+    sent_bytes_total: float = 0.0
+    gain: float = 1.0
+    compressed_last_step: bool = False
+
+    world_size: int = 1
+
+    def _dense_sent(self, dense_bytes: int) -> float:
+        return dense_bytes * 2.0 * (self.world_size - 1) / self.world_size
+
+    @property
+    def ratio(self) -> float:
+        """What a dense ring allreduce would send over what this rank sent, in the last step.
+
+        With one process nothing is sent and the ratio is taken over bytes handed to collectives.
+        """
+        if self.world_size > 1 and self.sent_bytes_last_step:
+            return self._dense_sent(self.dense_bytes_last_step) / self.sent_bytes_last_step
+        return self.dense_bytes_last_step / self.bytes_last_step if self.bytes_last_step else 1.0
+
+    @property
+    def ratio_total(self) -> float:
+        """As :attr:`ratio`, over every step since registration."""
+        if self.world_size > 1 and self.sent_bytes_total:
+            return self._dense_sent(self.dense_bytes_total) / self.sent_bytes_total
+        return self.dense_bytes_total / self.bytes_total if self.bytes_total else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio, "ratio_total": self.ratio_total}
+
+
+class CompressionState:
+    """The state the compression hook carries: config, per-rank memory, step and stats.
+
+    Memory (residuals, shifts) is fp32 and keyed by parameter name, so DDP's bucket rebuild
+    after the first step and on every new wrap (resume) does not scramble it. It belongs to
+    this rank: :meth:`state_dict` holds this rank's memory only, and a checkpoint that must
+    resume exactly keeps one per rank.
+
+    Changes of ``density`` or ``bits`` (by a controller) are requested with :meth:`request_update`
+    and applied at the next step boundary; controllers must request the same change on every
+    rank, which they do when their decision is a function of data all ranks share.
+    """
+
+    __slots__ = (
+        # settings
+        "config", "compressor", "feedback", "transport",
+        # process group
+        "process_group", "rank", "world_size", "collectives",
+        # parameter bookkeeping
+        "param_names", "param_index",
+        # internal state
+        "step", "memory", "server_memory", "_pending",
+        # stats
+        "stats", "_step_bytes", "_step_dense_bytes", "_step_sent", "_step_err", "_step_norm", "_step_compressed",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        config: CompressionConfig,
+        param_names: Mapping[int, str],
+        process_group: dist.ProcessGroup | None = None,
+    ):
+        self.process_group = process_group
+        initialized = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(process_group) if initialized else 1
+        self.rank = dist.get_rank(process_group) if initialized else 0
+        self.collectives = Collectives(process_group, self.world_size, self.rank)
+        self.param_names = dict(param_names)
+        self.param_index = {name: i for i, name in enumerate(self.param_names.values())}
+        self.step = 0
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.server_memory: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, Any] = {}
+        self.stats = CompressionStats(world_size=self.world_size)
+        self._set_config(config)
+        self._reset_step_counters()
+        if self.rank == 0:
+            log.info("lightning_compress: %s on %d ranks via %s", config, self.world_size, self.transport)
+
+    # ----- configuration ------------------------------------------------------------------
+    def _set_config(self, config: CompressionConfig) -> None:
+        self.config = config
+        self.compressor = config.make_compressor()
+        self.feedback = make_feedback(config.feedback, self.compressor, diana_alpha=config.diana_alpha)
+        self.transport = config.transport_resolved
+
+    def request_update(self, **changes: Any) -> None:
+        """Change ``density`` and/or ``bits`` from the next step on (validated now)."""
+        allowed = {"density", "bits"}
+        if not changes or set(changes) - allowed:
+            raise ValueError(f"request_update takes {sorted(allowed)}; got {sorted(changes)}")
+        self.config.replace(**{**self._pending, **changes})  # validate before accepting
+        self._pending.update(changes)
+
+    # ----- per-step bookkeeping (called by the hook) -----------------------------------------
+    def _reset_step_counters(self) -> None:
+        self._step_bytes = 0
+        self._step_dense_bytes = 0
+        self._step_sent = 0.0
+        self._step_err = 0.0
+        self._step_norm = 0.0
+        self._step_compressed = False
+
+    def record(self, *, dense_bytes: int, err: float = 0.0, norm: float = 0.0, compressed: bool = False) -> None:
+        """Add one bucket's figures to the current step (bytes are read from the collectives)."""
+        self._step_dense_bytes += dense_bytes
+        self._step_err += err
+        self._step_norm += norm
+        self._step_compressed |= compressed
+
+    def finish_step(self) -> None:
+        """Close the step: roll stats, advance the counter, apply pending config changes."""
+        comm, s = self.collectives, self.stats
+        s.bytes_last_step, s.sent_bytes_last_step = comm.bytes_handed, comm.bytes_sent
+        s.dense_bytes_last_step = self._step_dense_bytes
+        s.bytes_total += comm.bytes_handed
+        s.sent_bytes_total += comm.bytes_sent
+        s.dense_bytes_total += self._step_dense_bytes
+        s.gain = 1.0 - self._step_err / self._step_norm if self._step_norm > 0 else 1.0
+        s.compressed_last_step = self._step_compressed
+        s.steps += 1
+        comm.bytes_handed, comm.bytes_sent = 0, 0.0
+        self._reset_step_counters()
+        self.step += 1
+        if self._pending:
+            self._set_config(self.config.replace(**self._pending))
+            self._pending = {}
+
+    def seed(self, name: str, *extra: int) -> int:
+        """Seed shared by all ranks for tensor ``name`` at this step."""
+        return mix_seed(self.config.seed, self.step, self.param_index[name], *extra)
+
+    def rank_seed(self, name: str, *extra: int) -> int:
+        """Seed private to this rank for tensor ``name`` at this step."""
+        return mix_seed(self.seed(name, *extra), 1 + self.rank)
+
+    def memory_for(self, name: str, numel: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """This rank's memory tensors for parameter ``name`` (zeros the first time)."""
+        mem = self.memory.get(name)
+        if mem is None or any(t.numel() != numel for t in mem.values()):
+            mem = {key: torch.zeros(numel, dtype=torch.float32, device=device) for key in self.feedback.memory_keys}
+            self.memory[name] = mem
+        return mem
+
+    # ----- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: plain types and tensors only (``torch.load(weights_only=True)`` safe)."""
+        return {
+            "format": 1,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "pending": dict(self._pending),
+            "memory": {name: {k: t.detach().clone() for k, t in mem.items()} for name, mem in self.memory.items()},
+            "server_memory": {name: t.detach().clone() for name, t in self.server_memory.items()},
+            "stats": asdict(self.stats),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` (this rank's own, for exact resume).
+
+        The step, stats and the controller-adjustable settings (``density``, ``bits``) are
+        always restored. Memory is restored only when the world size, compressor and feedback
+        match; otherwise it starts fresh, with a warning.
+        """
+        saved = CompressionConfig.from_dict(state["config"])
+        self.step = int(state["step"])
+        self.stats = CompressionStats(**{**state["stats"], "world_size": self.world_size})
+        self._set_config(self.config.replace(density=saved.density, bits=saved.bits))
+        self._pending = dict(state.get("pending", {}))
+        self.memory, self.server_memory = {}, {}
+        mismatch = []
+        if int(state["world_size"]) != self.world_size:
+            mismatch.append(f"world size {state['world_size']} -> {self.world_size}")
+        for key in ("compressor", "feedback"):
+            if getattr(saved, key) != getattr(self.config, key):
+                mismatch.append(f"{key} {getattr(saved, key)!r} -> {getattr(self.config, key)!r}")
+        if mismatch:
+            warnings.warn(
+                "lightning_compress: the saved compression memory does not fit this run ("
+                + ", ".join(mismatch)
+                + "); residuals and shifts start from zero. Training continues, but not bit-for-bit.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        device = self._device()
+        self.memory = {
+            name: {k: t.to(device=device, dtype=torch.float32).clone() for k, t in mem.items()}
+            for name, mem in state["memory"].items()
+        }
+        self.server_memory = {
+            name: t.to(device=device, dtype=torch.float32).clone() for name, t in state["server_memory"].items()
+        }
+
+    def _device(self) -> torch.device:
+        if self.process_group is not None or (dist.is_available() and dist.is_initialized()):
+            backend = dist.get_backend(self.process_group)
+            if backend == "nccl" and torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The process group cannot be pickled; the rest can.
+        return {slot: getattr(self, slot) for slot in self.__slots__ if slot not in ("process_group", "collectives")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for slot, value in state.items():
+            setattr(self, slot, value)
+        self.process_group = None
+        self.collectives = Collectives(None, self.world_size, self.rank)
