@@ -51,7 +51,7 @@ class CompressionConfig:
 
     compressor: str = "sign"
     density: float = 0.01
-    bits: int = 4
+    bits: int = 8
     feedback: str = "ef"
     transport: str = "auto"
     warmup_steps: int = 0
@@ -101,24 +101,17 @@ class CompressionConfig:
                 f"`feedback='diana'` needs an unbiased compressor, one of {unbiased}; got `compressor={self.compressor!r}` "
                 "(biased). Use `feedback='ef21'` or `'ef'` with biased compressors."
             )
-        if self.feedback == "ef21" and comp.alpha(probe) <= 0.0:
+        if self.feedback in ("ef", "ef21", "doublesqueeze") and comp.alpha(probe) <= 0.0:
             raise ValueError(
-                f"`feedback='ef21'` needs a contractive compressor (E||C(x)-x||^2 <= (1-alpha)||x||^2, alpha > 0); "
-                f"`compressor={self.compressor!r}` with these settings has omega={comp.omega(probe):.3g} >= 1. "
-                "Use topk, dgc, sign, natural, fp16 or bf16, more `bits`, or `feedback='diana'`."
+                f"`feedback={self.feedback!r}` needs a contractive compressor (E||C(x)-x||^2 <= (1-alpha)||x||^2 with "
+                f"alpha > 0), or its memory grows without bound; `compressor={self.compressor!r}` with these settings "
+                f"has omega={comp.omega(probe):.3g} >= 1. Use topk, dgc, sign, natural, fp16 or bf16; for qsgd more "
+                "`bits` or a smaller `block_size`; or `feedback='diana'` (or 'none') for unbiased compressors."
             )
         if self.feedback == "none" and not comp.unbiased and self.compressor not in ("none", "fp16", "bf16"):
             warnings.warn(
                 f"`feedback='none'` with the biased compressor {self.compressor!r} drops the compression error for "
                 "good and may not converge; consider `feedback='ef'`.",
-                UserWarning,
-                stacklevel=3,
-            )
-        if self.feedback in ("ef", "doublesqueeze") and comp.unbiased and comp.alpha(probe) <= 0.0:
-            warnings.warn(
-                f"`feedback={self.feedback!r}` with {self.compressor!r} (omega={comp.omega(probe):.3g} >= 1) has no "
-                "contraction guarantee and its residual may grow; use more `bits`, a smaller `block_size`, a larger "
-                "`density`, or `feedback='diana'`.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -55,14 +55,12 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     """
     buffer = bucket.buffer()
     params, grads = bucket.parameters(), bucket.gradients()
-    dense_bytes = buffer.numel() * buffer.element_size()
     chosen = [i for i, p in enumerate(params) if _compressible(state, p)]
+    state.record_bucket(buffer.numel() * buffer.element_size())
     if state.step < state.config.warmup_steps or not chosen:
         _dense_allreduce(state, buffer)
-        state.record(dense_bytes=dense_bytes)
     else:
         _compressed_exchange(state, params, grads, chosen, buffer)
-        state.record(dense_bytes=dense_bytes)
     if bucket.is_last():
         state.finish_step()
     return _done(buffer)
@@ -114,7 +112,7 @@ def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
         _dense_allreduce(state, flat)
         for g, piece in zip(rest, torch.split(flat, [g.numel() for g in rest])):
             g.copy_(piece.view_as(g))
-    state.record(dense_bytes=0, err=err, norm=norm, compressed=True)
+    state.record_compression(err, norm)
 
 
 def register_compression(

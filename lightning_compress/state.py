@@ -50,6 +50,7 @@ class CompressionStats:
     sent_bytes_total: float = 0.0
     gain: float = 1.0
     compressed_last_step: bool = False
+    buckets_last_step: int = 0
 
     world_size: int = 1
 
@@ -100,7 +101,7 @@ class CompressionState:
         # internal state
         "step", "memory", "server_memory", "_pending",
         # stats
-        "stats", "_step_bytes", "_step_dense_bytes", "_step_sent", "_step_err", "_step_norm", "_step_compressed",
+        "stats", "_step_dense_bytes", "_step_err", "_step_norm", "_step_compressed", "_step_buckets",
     )  # fmt: skip
 
     def __init__(
@@ -143,19 +144,22 @@ class CompressionState:
 
     # ----- per-step bookkeeping (called by the hook) -----------------------------------------
     def _reset_step_counters(self) -> None:
-        self._step_bytes = 0
         self._step_dense_bytes = 0
-        self._step_sent = 0.0
+        self._step_buckets = 0
         self._step_err = 0.0
         self._step_norm = 0.0
         self._step_compressed = False
 
-    def record(self, *, dense_bytes: int, err: float = 0.0, norm: float = 0.0, compressed: bool = False) -> None:
-        """Add one bucket's figures to the current step (bytes are read from the collectives)."""
+    def record_bucket(self, dense_bytes: int) -> None:
+        """Count one bucket of the current step and the bytes a dense allreduce would take."""
         self._step_dense_bytes += dense_bytes
+        self._step_buckets += 1
+
+    def record_compression(self, err: float, norm: float) -> None:
+        """Add one bucket's compression error and input energy (for the gain)."""
         self._step_err += err
         self._step_norm += norm
-        self._step_compressed |= compressed
+        self._step_compressed = True
 
     def finish_step(self) -> None:
         """Close the step: roll stats, advance the counter, apply pending config changes."""
@@ -167,6 +171,7 @@ class CompressionState:
         s.dense_bytes_total += self._step_dense_bytes
         s.gain = 1.0 - self._step_err / self._step_norm if self._step_norm > 0 else 1.0
         s.compressed_last_step = self._step_compressed
+        s.buckets_last_step = self._step_buckets
         s.steps += 1
         comm.bytes_handed, comm.bytes_sent = 0, 0.0
         self._reset_step_counters()

@@ -21,6 +21,9 @@ __all__ = ["Collectives", "Exchange", "exchange", "TRANSPORT_NAMES"]
 
 TRANSPORT_NAMES = ("allreduce", "allgather", "two_pass")
 
+# Newer PyTorch renames all_gather_into_tensor (and deprecates the old name).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class Collectives:
     """The collectives of one process group, counting the bytes handed to them.
@@ -57,7 +60,7 @@ class Collectives:
         if n == 1:
             return [tensor]
         out = torch.empty(n * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(out, tensor, group=self.group)
+        _all_gather_single(out, tensor, group=self.group)
         return list(out.view(n, -1).unbind(0))
 
     def all_to_all(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,0 +1,50 @@
+"""Launch a function on several gloo ranks; assertions run inside the workers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", UserWarning)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        # Print here: the peer may be blocked in a collective, and tearing the group down
+        # under it can abort this process before mp.spawn reports the error.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_distributed(fn, *args, world_size: int = 2) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; a failure in any rank raises."""
+    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def gather_flat(tensors) -> list[torch.Tensor]:
+    """All ranks' concatenation of ``tensors`` (flattened, detached)."""
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    out = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, flat)
+    return out
