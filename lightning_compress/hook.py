@@ -48,10 +48,10 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
        gradient scaler sees the overflow and skips the step.
     4. Memory is written only after a successful exchange. The last bucket closes the step.
 
-    Example::
+    Usually registered through :func:`register_compression`; by hand it is::
 
-        >>> state = CompressionState(CompressionConfig(), {})  # doctest: +SKIP
-        >>> ddp_model.register_comm_hook(state, compression_hook)  # doctest: +SKIP
+        names = {id(p): n for n, p in ddp_model.module.named_parameters()}
+        ddp_model.register_comm_hook(CompressionState(CompressionConfig(), names), compression_hook)
     """
     buffer = bucket.buffer()
     params, grads = bucket.parameters(), bucket.gradients()
@@ -136,11 +136,12 @@ def register_compression(
         TypeError: ``ddp_model`` is not a DDP model, or ``config`` is of an unsupported type.
         RuntimeError: compression is already registered on this model.
 
-    Example::
+    Example (inside an initialized process group)::
 
-        >>> ddp = DistributedDataParallel(model)  # doctest: +SKIP
-        >>> state = register_compression(ddp, "compressor=topk,density=0.01,feedback=ef21")  # doctest: +SKIP
-        >>> state.stats.ratio  # doctest: +SKIP
+        ddp = DistributedDataParallel(model)
+        state = register_compression(ddp, "compressor=topk,density=0.01,feedback=ef21")
+        ...  # train as usual
+        print(state.stats.ratio, state.stats.gain)
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
