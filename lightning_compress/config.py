@@ -168,6 +168,8 @@ class CompressionConfig:
             key, raw = key.strip(), raw.strip()
             if not sep or not key:
                 raise ValueError(f"compression setting {item!r} is not of the form key=value (in {text!r})")
+            if key in values:
+                raise ValueError(f"compression option {key!r} is given twice in {text!r}")
             if key not in _FIELD_TYPES:
                 raise ValueError(f"unknown compression option {key!r} in {text!r}; allowed: {sorted(_FIELD_TYPES)}")
             values[key] = _parse_value(key, raw)

@@ -40,10 +40,18 @@ class NoneCompressor(_CastCompressor):
 
 
 class FP16Compressor(_CastCompressor):
-    """Round to IEEE half precision (16 bits per element). Biased, near-identity."""
+    """Round to IEEE half precision (16 bits per element). Biased, near-identity.
+
+    Magnitudes above fp16's largest finite value (65504) saturate instead of becoming inf,
+    so with error feedback the excess stays in the residual rather than poisoning it.
+    """
 
     name = "fp16"
     payload_dtype = torch.float16
+    _MAX = torch.finfo(torch.float16).max
+
+    def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        return x.clamp(-self._MAX, self._MAX).to(torch.float16)
 
 
 class BF16Compressor(_CastCompressor):

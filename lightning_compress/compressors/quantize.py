@@ -102,10 +102,15 @@ class QSGDCompressor(_BlockQuantizer):
 
     def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
         n, block = x.numel(), self._block(x.numel())
-        blocks = _blocks(x, block)
-        norms = torch.linalg.vector_norm(blocks, dim=1)
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(1)
-        scaled = (blocks.abs() / safe * self.levels).reshape(-1)[:n]
+        magnitude = _blocks(x.abs(), block)
+        # Norms via the block max, so that squares neither overflow (|x| ~ 1e20 and up) nor
+        # underflow (|x| ~ 1e-20 and below) in fp32: ||x_b|| = max|x_b| * ||x_b / max|x_b|||.
+        peak = magnitude.amax(dim=1, keepdim=True)
+        unit = magnitude / torch.where(peak > 0, peak, torch.ones_like(peak))
+        unit_norms = torch.linalg.vector_norm(unit, dim=1, keepdim=True)
+        norms = (unit_norms * peak).reshape(-1)
+        safe = torch.where(unit_norms > 0, unit_norms, torch.ones_like(unit_norms))
+        scaled = (unit / safe * self.levels).reshape(-1)[:n]
         noise = torch.rand(n, generator=self._generator(seed, x.device), device=x.device)
         levels = torch.floor(scaled + noise).clamp_(0, self.levels).to(torch.uint8)
         return pack_parts([norms, pack_bits((x >= 0).to(torch.uint8), 1), pack_bits(levels, self.bits)])

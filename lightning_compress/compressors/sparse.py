@@ -7,6 +7,8 @@ payload is the ``k`` values only and payloads of several ranks can be summed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lightning_compress.compressors.base import Compressor, pack_parts, split_parts
@@ -58,9 +60,10 @@ class TopKCompressor(_IndexedSparse):
 class DGCCompressor(_IndexedSparse):
     """Top-k by a threshold estimated on a random sample (Lin et al., ICLR 2018).
 
-    The threshold is the magnitude that a ``density`` fraction of the sample exceeds.
-    When more than ``k`` entries pass it, the exact top-k of those is kept; when fewer
-    pass, the payload is padded with zero values so that it always holds ``k`` entries.
+    The threshold is a magnitude that a little more than a ``density`` fraction of the
+    sample exceeds (a margin of four binomial standard deviations), so that usually more
+    than ``k`` entries pass it and the exact top-k of those is kept; when fewer pass, the
+    payload is padded with zero values so that it always holds ``k`` entries.
     """
 
     name = "dgc"
@@ -73,7 +76,11 @@ class DGCCompressor(_IndexedSparse):
             return self._payload(x, torch.topk(magnitude, k, sorted=False).indices)
         gen = self._generator(seed, x.device)
         sample = magnitude[torch.randint(0, n, (sample_size,), generator=gen, device=x.device)]
-        rank_in_sample = max(1, min(sample_size, round(sample_size * k / n)))
+        # The sample holds about m = sample_size * k / n of the top-k entries, give or take
+        # sqrt(m). Setting the threshold at rank m + 4 sqrt(m) + 1 of the sample lets more than
+        # k entries pass in all but rare draws; the exact top-k of those is then kept.
+        expected = sample_size * k / n
+        rank_in_sample = max(1, min(sample_size, math.ceil(expected + 4.0 * math.sqrt(expected) + 1.0)))
         threshold = torch.topk(sample, rank_in_sample, sorted=False).values.min()
         idx = torch.nonzero(magnitude >= threshold).reshape(-1)
         if idx.numel() > k:
@@ -129,8 +136,8 @@ class RandKCompressor(Compressor):
         return idx
 
     def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        n = x.numel()
-        return x[self.indices(n, seed, x.device)] * (n / self.k(n))
+        n, k = x.numel(), self.k(x.numel())
+        return x[self.indices(n, seed, x.device)] * (n / k if k else 1.0)
 
     def decode(self, payload: torch.Tensor, numel: int, seed: int = 0) -> torch.Tensor:
         return self.decode_add_(payload, torch.zeros(numel, dtype=torch.float32, device=payload.device), seed)

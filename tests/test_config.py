@@ -1,0 +1,201 @@
+"""CompressionConfig: defaults, parsing, validation messages, pairing rules, derived values."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+
+from lightning_compress import COMPRESSORS, FEEDBACKS, TRANSPORTS, CompressionConfig
+
+
+def test_defaults_are_valid() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults must not even warn
+        config = CompressionConfig()
+    assert config.compressor in COMPRESSORS
+    assert config.feedback in FEEDBACKS
+    assert config.transport in TRANSPORTS
+    assert 0.0 < config.density <= 1.0
+    assert config.make_compressor().name == config.compressor
+
+
+def test_from_string_names() -> None:
+    config = CompressionConfig.from_string("compressor=sign,feedback=doublesqueeze")
+    assert config.compressor == "sign"
+    assert config.feedback == "doublesqueeze"
+    assert config == CompressionConfig(compressor="sign", feedback="doublesqueeze")
+
+
+def test_from_string_numbers_get_field_types() -> None:
+    config = CompressionConfig.from_string("compressor=topk, density=0.05 ,bits=8,warmup_steps=3")
+    assert config.compressor == "topk"
+    assert config.density == 0.05 and type(config.density) is float
+    assert config.bits == 8 and type(config.bits) is int
+    assert config.warmup_steps == 3 and type(config.warmup_steps) is int
+
+
+def test_from_string_diana_alpha_none() -> None:
+    config = CompressionConfig.from_string("compressor=randk,feedback=diana,density=0.1,diana_alpha=none")
+    assert config.diana_alpha is None
+    config = CompressionConfig.from_string("compressor=randk,feedback=diana,density=0.1,diana_alpha=0.5")
+    assert config.diana_alpha == 0.5
+
+
+def _raises_naming(match_option: str, value: str, **kwargs) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError) as info:
+            CompressionConfig(**kwargs)
+    message = str(info.value)
+    assert match_option in message, message
+    assert value in message, message
+
+
+@pytest.mark.parametrize(
+    "kwargs, option, value",
+    [
+        (dict(compressor="gzip"), "compressor", "gzip"),
+        (dict(feedback="momentum"), "feedback", "momentum"),
+        (dict(transport="carrier_pigeon"), "transport", "carrier_pigeon"),
+        (dict(compressor="topk", density=0.0), "density", "0.0"),
+        (dict(compressor="topk", density=1.5), "density", "1.5"),
+        (dict(compressor="topk", density=math.nan), "density", "nan"),
+        (dict(compressor="qsgd", bits=3), "bits", "3"),
+        (dict(warmup_steps=-1), "warmup_steps", "-1"),
+        (dict(compressor="topk", feedback="diana"), "diana", "topk"),
+        (dict(compressor="sign", feedback="diana"), "diana", "sign"),
+        (dict(compressor="randk", density=0.01, feedback="ef21"), "ef21", "randk"),
+        (dict(compressor="sign", transport="allreduce"), "allreduce", "sign"),
+        (dict(compressor="sign", feedback="doublesqueeze", transport="allgather"), "doublesqueeze", "allgather"),
+    ],
+)
+def test_invalid_options_raise_value_error_naming_option_and_value(kwargs, option, value) -> None:
+    _raises_naming(option, value, **kwargs)
+
+
+def test_invalid_option_messages_list_the_allowed_values() -> None:
+    with pytest.raises(ValueError) as info:
+        CompressionConfig(compressor="gzip")
+    assert all(name in str(info.value) for name in COMPRESSORS)
+    with pytest.raises(ValueError) as info:
+        CompressionConfig(feedback="momentum")
+    assert all(name in str(info.value) for name in FEEDBACKS)
+
+
+def test_unknown_key_in_from_string() -> None:
+    with pytest.raises(ValueError, match="colour") as info:
+        CompressionConfig.from_string("compressor=sign,colour=blue")
+    assert "density" in str(info.value)  # names what is allowed
+
+
+def test_unknown_key_in_from_dict() -> None:
+    with pytest.raises(ValueError, match="colour"):
+        CompressionConfig.from_dict({"compressor": "sign", "colour": "blue"})
+
+
+def test_malformed_item_without_equals() -> None:
+    with pytest.raises(ValueError, match="compressor") as info:
+        CompressionConfig.from_string("compressor")
+    assert "key=value" in str(info.value)
+    with pytest.raises(ValueError, match="sign"):
+        CompressionConfig.from_string("feedback=ef,sign")
+
+
+def test_from_string_bad_number_raises_value_error_naming_field() -> None:
+    with pytest.raises(ValueError, match="density") as info:
+        CompressionConfig.from_string("density=lots")
+    assert "lots" in str(info.value)
+    with pytest.raises(ValueError, match="bits"):
+        CompressionConfig.from_string("bits=4.5")
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        (dict(density="x"), "density"),
+        (dict(bits=8.0), "bits"),
+        (dict(compressor=3), "compressor"),
+        (dict(warmup_steps=True), "warmup_steps"),
+    ],
+)
+def test_wrong_type_raises_type_error(kwargs, option) -> None:
+    with pytest.raises(TypeError, match=option):
+        CompressionConfig(**kwargs)
+
+
+@pytest.mark.parametrize("compressor", ("topk", "dgc", "sign"))
+def test_feedback_none_with_biased_compressor_warns(compressor: str) -> None:
+    with pytest.warns(UserWarning, match=compressor):
+        CompressionConfig(compressor=compressor, feedback="none")
+
+
+@pytest.mark.parametrize("compressor", ("none", "fp16", "bf16", "randk", "qsgd"))
+def test_feedback_none_with_near_identity_or_unbiased_does_not_warn(compressor: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CompressionConfig(compressor=compressor, feedback="none")
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(compressor="sign", feedback="doublesqueeze"), "two_pass"),
+        (dict(compressor="topk", feedback="doublesqueeze"), "two_pass"),
+        (dict(compressor="randk", feedback="diana"), "allreduce"),
+        (dict(compressor="randk", feedback="none"), "allreduce"),
+        (dict(compressor="fp16", feedback="ef"), "allreduce"),
+        (dict(compressor="sign", feedback="ef"), "allgather"),
+        (dict(compressor="topk", feedback="ef21"), "allgather"),
+        (dict(compressor="sign", feedback="ef", transport="two_pass"), "two_pass"),
+        (dict(compressor="randk", feedback="diana", transport="allgather"), "allgather"),
+    ],
+)
+def test_transport_resolved(kwargs, expected) -> None:
+    assert CompressionConfig(**kwargs).transport_resolved == expected
+
+
+def test_to_dict_from_dict_roundtrip() -> None:
+    config = CompressionConfig(
+        compressor="qsgd", bits=4, feedback="diana", block_size=256, warmup_steps=2, seed=7, diana_alpha=0.25
+    )
+    as_dict = config.to_dict()
+    assert as_dict["compressor"] == "qsgd" and as_dict["bits"] == 4 and as_dict["diana_alpha"] == 0.25
+    assert set(as_dict) == {f.name for f in dataclasses.fields(CompressionConfig)}
+    assert all(isinstance(v, (str, int, float, type(None))) for v in as_dict.values())
+    assert CompressionConfig.from_dict(as_dict) == config
+
+
+def test_to_string_roundtrip_through_from_string() -> None:
+    config = CompressionConfig(compressor="topk", density=0.05, feedback="ef21", warmup_steps=3)
+    text = ",".join(f"{k}={v}" for k, v in config.to_dict().items())
+    assert CompressionConfig.from_string(text) == config
+
+
+def test_frozen() -> None:
+    config = CompressionConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.density = 0.5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.compressor = "topk"  # type: ignore[misc]
+    assert config.density == CompressionConfig().density
+
+
+def test_replace_validates_and_copies() -> None:
+    config = CompressionConfig(compressor="topk", density=0.05)
+    other = config.replace(density=0.2)
+    assert other.density == 0.2 and config.density == 0.05
+    with pytest.raises(ValueError, match="density"):
+        config.replace(density=2.0)
+    with pytest.raises(ValueError, match="diana"):
+        config.replace(feedback="diana")
+    with pytest.raises(TypeError, match="bits"):
+        config.replace(bits="8")
+
+
+def test_make_compressor_carries_settings() -> None:
+    config = CompressionConfig(compressor="qsgd", bits=4, block_size=128, feedback="diana")
+    comp = config.make_compressor()
+    assert comp.name == "qsgd" and comp.bits == 4 and comp.block_size == 128
