@@ -1,5 +1,7 @@
 """lightning-compress: compressed, error-compensated gradient exchange for data-parallel PyTorch."""
 
+from importlib.util import find_spec as _find_spec
+
 from lightning_compress.compressors import COMPRESSORS, Compressor
 from lightning_compress.config import FEEDBACKS, TRANSPORTS, CompressionConfig
 from lightning_compress.hook import compression_hook, get_compression_state, register_compression
@@ -19,3 +21,10 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The core runs without Lightning; with it, the import registers the strategy names
+# (compressed_ddp, compressed_ddp_spawn, ...) in Lightning's Trainer and Fabric registries.
+if _find_spec("lightning") is not None:
+    from lightning_compress.strategy import CompressedDDPStrategy
+
+    __all__ += ["CompressedDDPStrategy"]

@@ -196,6 +196,18 @@ class CompressionState:
             self.memory[name] = mem
         return mem
 
+    def rescale_memory(self, factor: float) -> None:
+        """Multiply every residual and shift (worker and server) by ``factor``.
+
+        All feedback schemes are linear in their memory, which is kept in gradient units; when
+        a loss scaler changes its scale, the memory must follow (exact for powers of two).
+        """
+        for mem in self.memory.values():
+            for tensor in mem.values():
+                tensor.mul_(factor)
+        for tensor in self.server_memory.values():
+            tensor.mul_(factor)
+
     # ----- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: plain types and tensors only (``torch.load(weights_only=True)`` safe)."""

@@ -1,0 +1,154 @@
+"""``CompressedDDPStrategy`` for Lightning Fabric: ``Fabric(strategy="compressed_ddp")``.
+
+Importing this module (``import lightning_compress`` does, through :mod:`lightning_compress.strategy`)
+registers ``compressed_ddp``, ``compressed_ddp_spawn``, ``compressed_ddp_fork`` and ``compressed_ddp_notebook``
+in ``lightning.fabric``'s strategy registry. ``fabric.save`` of a training state (one holding an optimizer)
+carries every rank's compression state, and ``fabric.load`` gives each rank its own back.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, Literal, Mapping, Optional
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
+from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_compress.config import CompressionConfig
+from lightning_compress.strategy import _NAMES, CHECKPOINT_KEY, _CompressionCore, _rescale_memory
+
+__all__ = ["CompressedDDPStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
+    """Fabric's DDP strategy with compressed, error-compensated gradient exchange (CPU/gloo and CUDA/NCCL).
+
+    Takes the same compression keywords as :class:`lightning_compress.strategy.CompressedDDPStrategy`
+    (every :class:`~lightning_compress.CompressionConfig` field, ``compression=``, ``save_compression_memory``)
+    plus Fabric's ``DDPStrategy`` arguments. ``fabric.save(path, state)`` adds every rank's compression state
+    under ``"lightning_compress"`` when ``state`` holds an optimizer (a training checkpoint); ``fabric.load``
+    restores each rank's own, before or after ``fabric.setup``.
+
+    Raises:
+        ValueError: a compression option is invalid, or a ``ddp_comm_*`` argument is given.
+        TypeError: a compression option has the wrong type.
+
+    Example::
+
+        >>> CompressedDDPStrategy(compressor="sign", feedback="doublesqueeze").compression_config.transport_resolved
+        'two_pass'
+    """
+
+    def __init__(
+        self,
+        compression: CompressionConfig | Mapping[str, Any] | str | None = None,
+        *,
+        compressor: Optional[str] = None,
+        density: Optional[float] = None,
+        bits: Optional[int] = None,
+        feedback: Optional[str] = None,
+        transport: Optional[str] = None,
+        warmup_steps: Optional[int] = None,
+        min_numel: Optional[int] = None,
+        block_size: Optional[int] = None,
+        seed: Optional[int] = None,
+        diana_alpha: Optional[float] = None,
+        dgc_sample_fraction: Optional[float] = None,
+        save_compression_memory: bool = True,
+        accelerator: Any = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision: Any = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        options = dict(
+            compressor=compressor, density=density, bits=bits, feedback=feedback, transport=transport,
+            warmup_steps=warmup_steps, min_numel=min_numel, block_size=block_size, seed=seed,
+            diana_alpha=diana_alpha, dgc_sample_fraction=dgc_sample_fraction,
+        )  # fmt: skip
+        self._init_compression(compression, options, save_compression_memory, False, kwargs)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **kwargs,
+        )
+        log.debug(f"{type(self).__name__}: {self._compression}")
+
+    @override
+    def setup_module(self, module: Module) -> DistributedDataParallel:
+        ddp = super().setup_module(module)
+        self._register_compression_hook(ddp)
+        return ddp
+
+    @override
+    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        scaler = getattr(self.precision, "scaler", None)
+        before = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+        output = super().optimizer_step(optimizer, **kwargs)
+        if before is not None and self._compression_state is not None and scaler.get_scale() != before:
+            _rescale_memory(self._compression_state, scaler.get_scale() / before)  # memory is in loss-scaled units
+        return output
+
+    @override
+    def save_checkpoint(
+        self, path: Any, state: dict[str, Any], storage_options: Optional[Any] = None, filter: Optional[Any] = None
+    ) -> None:
+        # Called on every rank; whether to gather depends only on `state`, the same on all ranks.
+        if self._compression_state is not None and any(isinstance(v, Optimizer) for v in state.values()):
+            log.debug(f"{type(self).__name__}: gathering compression state of all ranks")
+            blob = self._gather_compression()
+            state = {**state, CHECKPOINT_KEY: blob} if blob is not None else state
+        super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+
+    @override
+    def load_checkpoint(self, path: Any, state: Any = None, strict: bool = True, **kwargs: Any) -> dict[str, Any]:
+        if isinstance(state, dict) and state:
+            state = {k: v for k, v in state.items() if k != CHECKPOINT_KEY}
+        remainder = super().load_checkpoint(path, state, strict=strict, **kwargs)
+        blob = remainder.get(CHECKPOINT_KEY) if isinstance(remainder, dict) else None
+        if blob is not None:
+            self._loaded_compression = blob
+            if state:  # restored in place: do not hand it back as an unknown leftover
+                remainder = {k: v for k, v in remainder.items() if k != CHECKPOINT_KEY}
+            if self._hook_active:
+                self._apply_loaded_compression()
+        return remainder
+
+    @override
+    def teardown(self) -> None:
+        self._loaded_compression = None
+        self._hook_active = False
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, start_method in _NAMES:
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"lightning_compress: DDP with compressed gradients, start_method '{start_method}'",
+                override=True,
+                start_method=start_method,
+            )
+
+
+CompressedDDPStrategy.register_strategies(STRATEGY_REGISTRY)
