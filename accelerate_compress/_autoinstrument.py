@@ -1,0 +1,39 @@
+"""Enable compression inside ``Accelerator.prepare_model`` when ``ACCELERATE_COMPRESSION`` is set."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from accelerate_compress.flag import config_from_env
+
+__all__ = ["install"]
+
+log = logging.getLogger(__name__)
+
+
+def install() -> bool:
+    """Patch ``accelerate.Accelerator.prepare_model`` once; ``False`` when the flag is unset (nothing patched)."""
+    config = config_from_env()  # invalid settings fail here, before the training script runs
+    if config is None:
+        return False
+    from accelerate import Accelerator
+
+    from accelerate_compress.adapter import enable  # now: the script's folder replaces sys.path[0] later
+
+    original = Accelerator.prepare_model
+    if getattr(original, "_accelerate_compress", False):
+        return True
+
+    @functools.wraps(original)
+    def prepare_model(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        prepared = original(self, model, *args, **kwargs)
+        if not kwargs.get("evaluation_mode", False):
+            enable(self, prepared, config)
+        return prepared
+
+    prepare_model._accelerate_compress = True  # type: ignore[attr-defined]
+    Accelerator.prepare_model = prepare_model
+    log.debug("accelerate_compress: Accelerator.prepare_model instrumented (%s)", config)
+    return True

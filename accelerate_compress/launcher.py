@@ -1,0 +1,243 @@
+"""``accelerate-compress launch``: ``accelerate launch`` with a compression setting, no change to the script.
+
+Reads an optional ``compression:`` section from ``--config_file`` (Accelerate rejects unknown keys, so the
+section is stripped and the rest handed to ``accelerate launch`` unchanged), applies ``ACCELERATE_COMPRESSION``
+and the ``--compressor/--density/--bits/--feedback/--transport/--adaptive`` options on top (options win over the
+file, the file over the environment), validates the result before any worker starts, and runs the script through
+:mod:`accelerate_compress._bootstrap`, which enables compression inside ``Accelerator.prepare_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from accelerate_compress.flag import ADAPTIVE, ENV_VAR, SECTION, parse_setting, resolve, to_inline
+
+__all__ = ["main", "plan"]
+
+PROG = "accelerate-compress"
+# option -> (type, help); each sets the CompressionConfig field of the same name.
+_OPTIONS: dict[str, tuple[type, str]] = {
+    "compressor": (str, "payload format, e.g. sign, topk, qsgd (overrides the file)"),
+    "density": (float, "fraction of entries kept by topk/dgc/randk, in (0, 1]"),
+    "bits": (int, "magnitude bits of qsgd (1, 2, 4 or 8)"),
+    "feedback": (str, "error compensation: none, ef, ef21, diana, doublesqueeze"),
+    "transport": (str, "auto, allreduce, allgather or two_pass"),
+    "adaptive": (str, f"adaptive compression factor, one of {ADAPTIVE} ('gravac' is planned)"),
+}
+
+
+class LaunchError(ValueError):
+    """A launch setting that cannot work; reported before any worker starts."""
+
+
+def _accelerate_parser() -> argparse.ArgumentParser:
+    from accelerate.commands.launch import launch_command_parser
+
+    parser = launch_command_parser()
+    parser.prog = f"{PROG} launch"
+    group = parser.add_argument_group("compression (accelerate-compress)")
+    for name, (kind, text) in _OPTIONS.items():
+        # Strings here: values are validated by CompressionConfig, whose message names the option.
+        group.add_argument(f"--{name}", default=None, help=text)
+    group.add_argument("--compression", default=None, help=f"inline 'k=v,...' or a YAML path, as {ENV_VAR}")
+    return parser
+
+
+def _strip_own_options(tokens: list[str]) -> list[str]:
+    """The tokens before the script without this launcher's options (``--x v`` and ``--x=v``)."""
+    own = {f"--{name}" for name in (*_OPTIONS, "compression")}
+    out, skip = [], False
+    for token in tokens:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in own:
+            skip = "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def _replace_option(tokens: list[str], names: tuple[str, ...], value: str) -> list[str]:
+    out, skip = [], False
+    for token in tokens:
+        if skip:
+            skip = False
+            out.append(value)
+            continue
+        name = token.split("=", 1)[0]
+        if name in names:
+            if "=" in token:
+                out.append(f"{name}={value}")
+            else:
+                out.append(token)
+                skip = True
+            continue
+        out.append(token)
+    return out
+
+
+def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the Accelerate config without ``compression:``, the compression section)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise LaunchError(f"--config_file {path!r} does not exist")
+    if not path.endswith((".yaml", ".yml")):
+        raise LaunchError(f"--config_file {path!r}: only YAML config files can carry a `{SECTION}:` section")
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise LaunchError(f"--config_file {path!r} must hold a mapping")
+    data = dict(data)
+    section = data.pop(SECTION, None) or {}
+    if not isinstance(section, dict):
+        raise LaunchError(f"`{SECTION}` in {path!r} must be a mapping of option: value; got {section!r}")
+    return data, section
+
+
+def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Work out the ``accelerate launch`` command line and worker environment, validating everything first.
+
+    Returns a dict with ``accelerate_args`` (to ``accelerate launch``), ``env`` (additions for the workers),
+    ``config`` (the :class:`~lightning_compress.CompressionConfig`, or ``None`` for no compression) and
+    ``stripped_config`` (the Accelerate YAML without its ``compression:`` section, or ``None``).
+
+    Raises:
+        LaunchError, ValueError, TypeError: an invalid setting; the message names the option, value and what is allowed.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    args = _accelerate_parser().parse_args(argv)
+    n_tail = len(args.training_script_args) + 1
+    head = list(argv[: len(argv) - n_tail])
+    script, script_args = args.training_script, list(args.training_script_args)
+    if args.no_python:
+        raise LaunchError(
+            "--no_python: accelerate-compress runs the script through Python to enable compression; drop it, or use "
+            f"plain `accelerate launch` with {ENV_VAR} and call accelerate_compress.enable() in the script"
+        )
+
+    layers: list[dict[str, Any]] = []
+    if environ.get(ENV_VAR, "").strip():
+        layers.append(parse_setting(environ[ENV_VAR]))
+    stripped, file_section = None, {}
+    config_file = args.config_file
+    if config_file is None:
+        from accelerate.commands.config import default_config_file
+
+        if os.path.isfile(default_config_file) and default_config_file.endswith((".yaml", ".yml")):
+            # `accelerate launch` reads the default file itself; a compression section there must go too.
+            config_file = default_config_file
+            head = ["--config_file", config_file, *head]
+    if config_file:
+        stripped, file_section = _read_config_file(config_file)
+        layers.append(file_section)
+    if args.compression:
+        layers.append(parse_setting(args.compression))
+    flags = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
+    for name, value in flags.items():
+        kind = _OPTIONS[name][0]
+        try:
+            flags[name] = kind(value) if name != "adaptive" else value
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise LaunchError(f"--{name} must be {what}; got {value!r}") from None
+    layers.append(flags)
+    wanted = any(layers)
+    config = resolve(*layers) if wanted else None
+
+    head = _strip_own_options(head)
+    env: dict[str, str] = {}
+    cpu_flag = "--cpu" in head
+    num_processes = args.num_processes
+    use_cpu = cpu_flag or bool(stripped and stripped.get("use_cpu"))
+    if num_processes is None and stripped:
+        num_processes = stripped.get("num_processes")
+    single_node = not (args.num_machines and int(args.num_machines) > 1) and not args.mpirun_hostfile
+    if use_cpu and num_processes and int(num_processes) > 1 and single_node:
+        # `accelerate launch --cpu` starts several CPU processes only through mpirun; without a hostfile it starts
+        # one. torchrun (the --multi_gpu path) with ACCELERATE_USE_CPU starts them all on gloo instead.
+        head = [t for t in head if t != "--cpu"]
+        if "--multi_gpu" not in head:
+            head.insert(0, "--multi_gpu")
+        env["ACCELERATE_USE_CPU"] = "true"
+    if config is not None:
+        env[ENV_VAR] = to_inline(config)
+        user_module = bool(args.module)
+        head = [t for t in head if t not in ("-m", "--module")]
+        tail = ["-m", "accelerate_compress._bootstrap", *(["--module"] if user_module else []), script, *script_args]
+    else:
+        tail = [script, *script_args]
+    return {"accelerate_args": head, "tail": tail, "env": env, "config": config, "stripped_config": stripped}
+
+
+def _launch(argv: list[str]) -> int:
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pairing advice is repeated by the workers' own validation
+            p = plan(argv)
+    except (ValueError, TypeError) as err:
+        print(f"{PROG}: error: invalid compression setting: {err}", file=sys.stderr)
+        return 2
+    head = p["accelerate_args"]
+    with tempfile.TemporaryDirectory(prefix="accelerate_compress_") as tmp:
+        if p["stripped_config"] is not None:
+            import yaml
+
+            path = os.path.join(tmp, "accelerate_config.yaml")
+            with open(path, "w", encoding="utf-8") as handle:
+                yaml.safe_dump(p["stripped_config"], handle)
+            head = _replace_option(head, ("--config_file", "--config-file"), path)
+        if p["config"] is not None:
+            print(f"{PROG}: compression {p['config'].compressor}/{p['config'].feedback} ({p['env'][ENV_VAR]})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return _accelerate_launch([*head, *p["tail"]], p["env"])
+
+
+def _accelerate_launch(argv: list[str], env: dict[str, str]) -> int:
+    """``accelerate launch argv`` in this process (one interpreter start less), with ``env`` added for the workers."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(argv)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        launch_command(args)
+    except subprocess.CalledProcessError as err:
+        return err.returncode or 1
+    except Exception as err:  # torchrun's ChildFailedError has already printed the workers' failures
+        print(f"{PROG}: the training processes failed: {type(err).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``accelerate-compress launch [accelerate launch arguments] script.py [script arguments]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {PROG} launch [accelerate launch arguments] [--compressor ...] script.py [script arguments]\n"
+              f"       {PROG} launch --help")  # fmt: skip
+        return 0 if argv else 2
+    if argv[0] != "launch":
+        print(f"{PROG}: error: unknown command {argv[0]!r}; the only command is 'launch'", file=sys.stderr)
+        return 2
+    return _launch(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
