@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-import lightning_compress.strategy  # noqa: F401  (registers the compressed_ddp* names)
+import lightning_compress  # noqa: F401  (registers the compressed_ddp* strategy names)
 from lightning_compress.strategy import CompressedDDPStrategy, build_config
 
 
