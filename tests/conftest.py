@@ -1,0 +1,12 @@
+"""Test-session setup shared by every test module."""
+
+import os
+
+# Several multi-process tests start ranks with fork. A forked child inherits the parent's
+# OpenMP thread pool in a state it cannot use, and its first parallel matmul hangs; with a
+# single intra-op thread the parent never creates that pool. The tests use tiny tensors.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
