@@ -9,7 +9,8 @@ median time per training step.
 Run from the repository root (it starts its own processes, no launcher needed)::
 
     python examples/ddp_digits.py
-    python examples/ddp_digits.py --epochs 5 --configs "compressor=sign,feedback=ef;compressor=qsgd,bits=2,block_size=64,feedback=diana"
+    python examples/ddp_digits.py --epochs 5 \\
+        --configs "compressor=sign,feedback=ef;compressor=qsgd,bits=2,block_size=64,feedback=diana"
 
 The data is scikit-learn's bundled digits set (1797 8x8 images), so nothing is
 downloaded; the processes talk over 127.0.0.1 only.
@@ -100,7 +101,6 @@ def train_one(label: str, args: argparse.Namespace, rank: int, world: int, train
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum)
-    torch.manual_seed(args.seed + rank)
 
     times: list[float] = []
     for epoch in range(args.epochs):
@@ -176,7 +176,8 @@ def print_table(results: list[Result], args, world: int, n_train: int, n_test: i
     header = f"{'config':<{width}} | {'test acc':>8} | {'sent/step/rank':>14} | {'ratio':>7} | {'ms/step':>7}"
     print()
     print(
-        f"digits: {n_train} train / {n_test} test, {world} rank{'s' if world > 1 else ''} (gloo, CPU), {args.epochs} epochs, "
+        f"digits: {n_train} train / {n_test} test, {world} rank{'s' if world > 1 else ''} (gloo, CPU), "
+        f"{args.epochs} epochs, "
         f"batch {args.batch_size} per rank, SGD lr={args.lr} momentum={args.momentum}, seed {args.seed}"
     )
     print(header)
@@ -228,15 +229,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     parser.add_argument("--epochs", type=int, default=20, help="training epochs per config")
     parser.add_argument("--world-size", type=int, default=2, help="number of processes (ranks)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 for the process group; 0 picks a free one")
+    parser.add_argument(
+        "--port", type=int, default=0, help="TCP port on 127.0.0.1 for the process group; 0 picks a free one"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="batch size per rank")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, the initial weights and the shuffling")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the data split, the initial weights and the shuffling"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--timing-skip", type=int, default=10, help="first steps of each run left out of the median step time")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a collective may wait before the run fails")
+    parser.add_argument(
+        "--timing-skip", type=int, default=10, help="first steps of each run left out of the median step time"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds a collective may wait before the run fails"
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the table")
     args = parser.parse_args(argv)
 
