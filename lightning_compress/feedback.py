@@ -4,11 +4,14 @@ All vectors are flat fp32 and in units of one rank's share of the average, i.e.
 ``x_i = grad_i / world_size``, so that the sum over ranks is the averaged gradient.
 One step for a parameter is::
 
-    v = scheme.compress_input(x, mem)          # what this rank compresses
-    p = compressor.encode(v); d = decode(p)    # d: this rank's own decoded message
-    new_local = scheme.worker_update(v, d, mem)
+    xin, res = scheme.compress_args(x, mem)    # this rank encodes v = xin + res
+    p, err = compressor.compress(xin, res)     # err = v - C(v), this rank's compression error
+    new_local = scheme.worker_update(v, err, mem)
     agg = sum over ranks of decode(p_j)        # the transport's job
     out, new_shared = scheme.result(agg, mem)  # what goes back into the gradient
+
+Error feedback hands ``(x, e)`` to the compressor, so a fused kernel reads ``x`` and ``e``
+once and writes the payload and the new residual without materializing ``v``.
 
 Memory is only written after the exchange succeeded (see the hook), so the
 methods return new tensors instead of updating ``mem`` in place.
@@ -36,9 +39,15 @@ class Feedback:
     shared_keys: ClassVar[tuple[str, ...]] = ()
 
     def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
+        """``v``, the tensor this rank compresses."""
         return x
 
-    def worker_update(self, v: torch.Tensor, decoded: torch.Tensor, mem: Memory) -> Memory:
+    def compress_args(self, x: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(xin, res)`` with ``xin + res == v``, as :meth:`Compressor.compress` takes them."""
+        return self.compress_input(x, mem), None
+
+    def worker_update(self, v: torch.Tensor, error: torch.Tensor, mem: Memory) -> Memory:
+        """New local memory from ``v`` and this rank's compression error ``v - C(v)``."""
         return {}
 
     def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
@@ -57,8 +66,11 @@ class ErrorFeedback(Feedback):
     def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         return x + mem["residual"]
 
-    def worker_update(self, v: torch.Tensor, decoded: torch.Tensor, mem: Memory) -> Memory:
-        return {"residual": v - decoded}
+    def compress_args(self, x: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return x, mem["residual"]
+
+    def worker_update(self, v: torch.Tensor, error: torch.Tensor, mem: Memory) -> Memory:
+        return {"residual": error}
 
 
 class DoubleSqueeze(ErrorFeedback):
@@ -85,8 +97,8 @@ class EF21(Feedback):
     def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         return x - mem["local"]
 
-    def worker_update(self, v: torch.Tensor, decoded: torch.Tensor, mem: Memory) -> Memory:
-        return {"local": mem["local"] + decoded}
+    def worker_update(self, v: torch.Tensor, error: torch.Tensor, mem: Memory) -> Memory:
+        return {"local": mem["local"] + (v - error)}
 
     def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
         out = mem["global"] + aggregate
@@ -117,8 +129,8 @@ class DIANA(Feedback):
     def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         return x - mem["shift"]
 
-    def worker_update(self, v: torch.Tensor, decoded: torch.Tensor, mem: Memory) -> Memory:
-        return {"shift": mem["shift"] + self.alpha(v.numel()) * decoded}
+    def worker_update(self, v: torch.Tensor, error: torch.Tensor, mem: Memory) -> Memory:
+        return {"shift": mem["shift"] + self.alpha(v.numel()) * (v - error)}
 
     def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
         step = self.alpha(aggregate.numel())

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.config import CompressionConfig
 from lightning_compress.state import CompressionState
-from lightning_compress.transport import exchange, shard_size
+from lightning_compress.transport import Source, exchange, shard_size
 
 __all__ = ["compression_hook", "register_compression"]
 
@@ -69,9 +69,17 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
 def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
     world, comp, fb = state.world_size, state.compressor, state.feedback
     names = [state.param_names[id(params[i])] for i in chosen]
-    xs = [grads[i].detach().reshape(-1).to(torch.float32).div(world) for i in chosen]
-    mems = [state.memory_for(name, x.numel(), x.device) for name, x in zip(names, xs)]
-    vs = [fb.compress_input(x, mem) for x, mem in zip(xs, mems)]
+    sources, mems, vs = [], [], []
+    for i, name in zip(chosen, names):
+        g = grads[i].detach().reshape(-1)
+        # x = grad / world in a buffer kept between steps (no fresh allocation per step).
+        x = state.scratch(name, "x", g.numel(), g.device).copy_(g).div_(world)
+        mem = state.memory_for(name, x.numel(), x.device)
+        xin, res = fb.compress_args(x, mem)
+        error = state.scratch(name, "error", x.numel(), x.device) if fb.memory_keys else None
+        sources.append(Source(xin, res, error))
+        mems.append(mem)
+        vs.append(xin)
     local_finite = bool(torch.isfinite(buffer).all())
 
     kwargs: dict[str, Any] = {}
@@ -80,31 +88,32 @@ def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
         server = None
         if state.config.feedback == "doublesqueeze":
             server = []
-            for name, x in zip(names, xs):
-                s = shard_size(x.numel(), world)
+            for name, src in zip(names, sources):
+                s = shard_size(src.numel(), world)
                 mem = state.server_memory.get(name)
-                server.append(mem if mem is not None and mem.numel() == s else x.new_zeros(s))
+                server.append(mem if mem is not None and mem.numel() == s else src.x.new_zeros(s))
         pick = state.seed if comp.shared_randomness else state.rank_seed
         kwargs = dict(
             server_memory=server,
             shard_seed=lambda i, j: pick(names[i], j),
             server_seed=lambda i, r: state.seed(names[i], state.world_size + r),
         )
-    result = exchange(state.transport, state.collectives, comp, vs, seeds, local_finite, **kwargs)
+    result = exchange(state.transport, state.collectives, comp, sources, seeds, local_finite, **kwargs)
 
     if not result.finite:
         _dense_allreduce(state, buffer)
         return
-    err = norm = 0.0
-    for k, (name, v, mem, own, agg) in enumerate(zip(names, vs, mems, result.decoded, result.aggregates)):
+    for k, (name, src, v, mem, agg) in enumerate(zip(names, sources, vs, mems, result.aggregates)):
         out, shared = fb.result(agg, mem)
-        mem.update(fb.worker_update(v, own, mem))
+        grads[chosen[k]].copy_(out.view_as(grads[chosen[k]]))
+        update = fb.worker_update(v, src.error_out, mem)
+        for key, tensor in update.items():
+            if tensor is src.error_out:  # the error buffer becomes memory: recycle the old memory as buffer
+                state.give_scratch(name, "error", mem[key])
+        mem.update(update)
         mem.update(shared)
         if result.server_memory:
             state.server_memory[name] = result.server_memory[k]
-        grads[chosen[k]].copy_(out.view_as(grads[chosen[k]]))
-        err += float(torch.sum((v - own) ** 2))
-        norm += float(torch.sum(v * v))
     chosen_set = set(chosen)
     rest = [g for i, g in enumerate(grads) if i not in chosen_set]
     if rest:
@@ -112,7 +121,7 @@ def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
         _dense_allreduce(state, flat)
         for g, piece in zip(rest, torch.split(flat, [g.numel() for g in rest])):
             g.copy_(piece.view_as(g))
-    state.record_compression(err, norm)
+    state.record_compression(result.err_sq, result.norm_sq)
 
 
 def register_compression(

@@ -99,7 +99,7 @@ class CompressionState:
         # parameter bookkeeping
         "param_names", "param_index",
         # internal state
-        "step", "memory", "server_memory", "_pending",
+        "step", "memory", "server_memory", "_pending", "_scratch",
         # stats
         "stats", "_step_dense_bytes", "_step_err", "_step_norm", "_step_compressed", "_step_buckets",
     )  # fmt: skip
@@ -120,6 +120,7 @@ class CompressionState:
         self.step = 0
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
         self.server_memory: dict[str, torch.Tensor] = {}
+        self._scratch: dict[tuple[str, str], torch.Tensor] = {}  # buffers reused between steps, never saved
         self._pending: dict[str, Any] = {}
         self.stats = CompressionStats(world_size=self.world_size)
         self._set_config(config)
@@ -195,6 +196,22 @@ class CompressionState:
             mem = {key: torch.zeros(numel, dtype=torch.float32, device=device) for key in self.feedback.memory_keys}
             self.memory[name] = mem
         return mem
+
+    def scratch(self, name: str, key: str, numel: int, device: torch.device) -> torch.Tensor:
+        """A flat fp32 buffer for parameter ``name`` kept between steps (contents undefined).
+
+        Reusing buffers spares the page faults of a fresh allocation, which for large
+        tensors cost more than the compression itself.
+        """
+        buf = self._scratch.get((name, key))
+        if buf is None or buf.numel() != numel or buf.device != torch.device(device):
+            buf = torch.empty(numel, dtype=torch.float32, device=device)
+            self._scratch[(name, key)] = buf
+        return buf
+
+    def give_scratch(self, name: str, key: str, tensor: torch.Tensor) -> None:
+        """Hand ``tensor`` (no longer referenced elsewhere) back as the scratch buffer ``key``."""
+        self._scratch[(name, key)] = tensor
 
     def rescale_memory(self, factor: float) -> None:
         """Multiply every residual and shift (worker and server) by ``factor``.

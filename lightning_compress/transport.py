@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_compress.compressors import Compressor
-from lightning_compress.compressors.base import bytes_as
+from lightning_compress.compressors.base import Encoded, bytes_as
 
-__all__ = ["Collectives", "Exchange", "exchange", "TRANSPORT_NAMES"]
+__all__ = ["Collectives", "Exchange", "Source", "exchange", "TRANSPORT_NAMES"]
 
 TRANSPORT_NAMES = ("allreduce", "allgather", "two_pass")
 
@@ -76,56 +76,85 @@ class Collectives:
 
 
 @dataclass
+class Source:
+    """One tensor to exchange: this rank encodes ``x + residual`` (``residual`` may be ``None``).
+
+    If ``error_out`` is given, the exchange writes ``v - C(v)`` (this rank's compression
+    error) into it; it must not be memory that survives a failed exchange.
+    """
+
+    x: torch.Tensor
+    residual: torch.Tensor | None = None
+    error_out: torch.Tensor | None = None
+
+    def numel(self) -> int:
+        return self.x.numel()
+
+    def value(self) -> torch.Tensor:
+        """``v = x + residual``, materialized."""
+        return self.x if self.residual is None else self.x + self.residual
+
+
+@dataclass
 class Exchange:
     """What one compressed exchange of several tensors produced on this rank."""
 
     finite: bool  # False: some rank held inf/NaN; nothing else is set
     aggregates: list[torch.Tensor] = field(default_factory=list)  # sum over ranks of decoded payloads
-    decoded: list[torch.Tensor] = field(default_factory=list)  # this rank's own decoded payloads
     server_memory: list[torch.Tensor] = field(default_factory=list)  # new server errors (two-pass)
+    norm_sq: float = 0.0  # sum over tensors of ||v||^2 on this rank
+    err_sq: float = 0.0  # sum over tensors of ||v - C(v)||^2 on this rank
 
 
 def _flag(local_finite: bool, device: torch.device) -> torch.Tensor:
     return torch.tensor([0 if local_finite else 1], dtype=torch.uint8, device=device)
 
 
-def _encode_all(
-    compressor: Compressor, vs: Sequence[torch.Tensor], seeds: Sequence[int]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    payloads = [compressor.encode(v, seed) for v, seed in zip(vs, seeds)]
-    decoded = [compressor.decode(p, v.numel(), seed) for p, v, seed in zip(payloads, vs, seeds)]
-    return payloads, decoded
+def _compress_all(compressor: Compressor, sources: Sequence[Source], seeds: Sequence[int]) -> list[Encoded]:
+    return [compressor.compress(s.x, s.residual, seed=seed, residual_out=s.error_out) for s, seed in zip(sources, seeds)]
+
+
+def _totals(encoded: Sequence[Encoded]) -> dict[str, float]:
+    if not encoded:
+        return {"norm_sq": 0.0, "err_sq": 0.0}
+    both = torch.stack([torch.stack([e.norm_sq, e.err_sq]) for e in encoded]).to(torch.float64).sum(0)
+    return {"norm_sq": float(both[0]), "err_sq": float(both[1])}
 
 
 def _split_sizes(buffer: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
     return list(torch.split(buffer, list(sizes)))
 
 
-def exchange_allreduce(comm, compressor, vs, seeds, local_finite, **_) -> Exchange:
+def exchange_allreduce(comm, compressor, sources, seeds, local_finite, **_) -> Exchange:
     """Sum summable payloads with one allreduce; a trailing element carries the inf/NaN flag."""
-    payloads, decoded = _encode_all(compressor, vs, seeds)
-    sentinel = torch.full((1,), 0.0 if local_finite else float("nan"), dtype=compressor.payload_dtype)
-    flat = comm.allreduce_(torch.cat([*payloads, sentinel.to(vs[0].device)]))
+    encoded = _compress_all(compressor, sources, seeds)
+    payloads = [e.payload for e in encoded]
+    device = sources[0].x.device
+    sentinel = torch.full((1,), 0.0 if local_finite else float("nan"), dtype=compressor.payload_dtype, device=device)
+    flat = comm.allreduce_(torch.cat([*payloads, sentinel]))
     if not torch.isfinite(flat[-1]).item():
         return Exchange(finite=False)
     sums = _split_sizes(flat[:-1], [p.numel() for p in payloads])
-    aggregates = [compressor.decode(s, v.numel(), seed) for s, v, seed in zip(sums, vs, seeds)]
-    return Exchange(True, aggregates, decoded)
+    aggregates = [compressor.decode(s, src.numel(), seed) for s, src, seed in zip(sums, sources, seeds)]
+    return Exchange(True, aggregates, **_totals(encoded))
 
 
-def exchange_allgather(comm, compressor, vs, seeds, local_finite, **_) -> Exchange:
+def exchange_allgather(comm, compressor, sources, seeds, local_finite, **_) -> Exchange:
     """All-gather one packed buffer per rank; every rank decodes and sums all of them."""
-    payloads, decoded = _encode_all(compressor, vs, seeds)
-    wire = torch.cat([*(p.view(torch.uint8) for p in payloads), _flag(local_finite, vs[0].device)])
+    encoded = _compress_all(compressor, sources, seeds)
+    payloads = [e.payload for e in encoded]
+    wire = torch.cat([*(p.view(torch.uint8) for p in payloads), _flag(local_finite, sources[0].x.device)])
     gathered = comm.all_gather(wire)
     if any(int(w[-1]) for w in gathered):
         return Exchange(finite=False)
     sizes = [p.numel() * p.element_size() for p in payloads]
-    aggregates = [torch.zeros_like(v) for v in vs]
-    for wire_j in gathered:
-        for agg, part, seed in zip(aggregates, _split_sizes(wire_j[:-1], sizes), seeds):
-            compressor.decode_add_(bytes_as(part, compressor.payload_dtype), agg, seed)
-    return Exchange(True, aggregates, decoded)
+    per_rank = [_split_sizes(w[:-1], sizes) for w in gathered]
+    aggregates = []
+    for i, (src, seed) in enumerate(zip(sources, seeds)):
+        parts = [bytes_as(parts_j[i], compressor.payload_dtype) for parts_j in per_rank]
+        agg = torch.zeros(src.numel(), dtype=torch.float32, device=src.x.device)
+        aggregates.append(compressor.decode_add_many_(parts, agg, [seed] * len(parts)))
+    return Exchange(True, aggregates, **_totals(encoded))
 
 
 def shard_size(numel: int, world_size: int) -> int:
@@ -136,7 +165,7 @@ def shard_size(numel: int, world_size: int) -> int:
 def exchange_two_pass(
     comm: Collectives,
     compressor: Compressor,
-    vs: Sequence[torch.Tensor],
+    sources: Sequence[Source],
     seeds: Sequence[int],
     local_finite: bool,
     *,
@@ -146,22 +175,29 @@ def exchange_two_pass(
 ) -> Exchange:
     """Sharded aggregation: rank r aggregates shard r of every tensor, then all ranks gather.
 
-    Pass 1 (all_to_all): each tensor is cut into ``world`` equal shards, each compressed on its
-    own; rank r receives every rank's shard r and sums the decoded shards. Pass 2 (all_gather):
-    with ``server_memory`` (DoubleSqueeze), rank r compresses ``sum + server_error`` and keeps the
-    new server error; without it the shard sum travels dense in fp32.
+    Pass 1 (all_to_all): each tensor is cut into ``world`` equal shards (the last one padded
+    with zeros), each compressed on its own; rank r receives every rank's shard r. Pass 2
+    (all_gather): with ``server_memory`` (DoubleSqueeze), rank r sums the decoded shards, adds
+    its server error, compresses that and keeps the new server error (one fused step, see
+    :meth:`Compressor.server_compress`); without it the shard sum travels dense in fp32.
 
     ``shard_seed(i, j)`` seeds shard ``j`` of tensor ``i`` on this rank; ``server_seed(i, r)``
     seeds the server compression of shard ``r`` (the same on every rank, so all can decode it).
     """
-    n, rank, device = comm.world_size, comm.rank, vs[0].device
-    sizes = [shard_size(v.numel(), n) for v in vs]
-    shards = [torch.nn.functional.pad(v, (0, s * n - v.numel())).view(n, s) for v, s in zip(vs, sizes)]
-    payloads = [[compressor.encode(sh[j], shard_seed(i, j)) for j in range(n)] for i, sh in enumerate(shards)]
-    decoded = [
-        torch.cat([compressor.decode(p, s, shard_seed(i, j)) for j, p in enumerate(ps)])[: v.numel()]
-        for i, (ps, s, v) in enumerate(zip(payloads, sizes, vs))
-    ]
+    n, rank, device = comm.world_size, comm.rank, sources[0].x.device
+    sizes = [shard_size(s.numel(), n) for s in sources]
+    payloads, encoded = [], []
+    for i, (src, s) in enumerate(zip(sources, sizes)):
+        shards = torch.nn.functional.pad(src.value(), (0, s * n - src.numel())).view(n, s)
+        errors = None if src.error_out is None else torch.empty(n, s, device=device)
+        row = [
+            compressor.compress(shards[j], seed=shard_seed(i, j), residual_out=None if errors is None else errors[j])
+            for j in range(n)
+        ]
+        if errors is not None:
+            src.error_out.copy_(errors.view(-1)[: src.numel()])
+        payloads.append([e.payload for e in row])
+        encoded.extend(row)
     flag = _flag(local_finite, device)
     chunks = [torch.cat([*(ps[j].view(torch.uint8) for ps in payloads), flag]) for j in range(n)]
     received = comm.all_to_all(chunks)
@@ -169,25 +205,25 @@ def exchange_two_pass(
         return Exchange(finite=False)
 
     part_sizes = [ps[0].numel() * ps[0].element_size() for ps in payloads]
-    shard_sums = [torch.zeros(s, dtype=torch.float32, device=device) for s in sizes]
-    for chunk in received:
-        for i, part in enumerate(_split_sizes(chunk[:-1], part_sizes)):
-            # Only shared-randomness compressors read the seed in decode, and theirs is rank independent.
-            compressor.decode_add_(bytes_as(part, compressor.payload_dtype), shard_sums[i], shard_seed(i, rank))
+    per_rank = [_split_sizes(c[:-1], part_sizes) for c in received]
     new_server: list[torch.Tensor] = []
-    if server_memory is not None:
-        outgoing = []
-        for i, (total, err) in enumerate(zip(shard_sums, server_memory)):
-            w = total + err
-            q = compressor.encode(w, server_seed(i, rank))
-            new_server.append(w - compressor.decode(q, w.numel(), server_seed(i, rank)))
-            outgoing.append(q.view(torch.uint8))
-    else:
-        outgoing = [total.view(torch.uint8) for total in shard_sums]
+    outgoing = []
+    for i, s in enumerate(sizes):
+        parts = [bytes_as(parts_j[i], compressor.payload_dtype) for parts_j in per_rank]
+        # Only shared-randomness compressors read the seed in decode, and theirs is rank independent.
+        seeds_in = [shard_seed(i, rank)] * n
+        if server_memory is not None:
+            err_out = torch.empty(s, dtype=torch.float32, device=device)
+            q = compressor.server_compress(parts, seeds_in, server_memory[i], err_out, server_seed(i, rank))
+            new_server.append(err_out)
+            outgoing.append(q.payload.view(torch.uint8))
+        else:
+            total = compressor.decode_add_many_(parts, torch.zeros(s, dtype=torch.float32, device=device), seeds_in)
+            outgoing.append(total.view(torch.uint8))
     gathered = comm.all_gather(torch.cat(outgoing))
     out_sizes = [o.numel() for o in outgoing]
     aggregates = []
-    for i, (v, s) in enumerate(zip(vs, sizes)):
+    for i, (src, s) in enumerate(zip(sources, sizes)):
         pieces = []
         for j, wire_j in enumerate(gathered):
             part = _split_sizes(wire_j, out_sizes)[i]
@@ -195,13 +231,13 @@ def exchange_two_pass(
                 pieces.append(compressor.decode(bytes_as(part, compressor.payload_dtype), s, server_seed(i, j)))
             else:
                 pieces.append(bytes_as(part, torch.float32))
-        aggregates.append(torch.cat(pieces)[: v.numel()])
-    return Exchange(True, aggregates, decoded, new_server)
+        aggregates.append(torch.cat(pieces)[: src.numel()])
+    return Exchange(True, aggregates, new_server, **_totals(encoded))
 
 
 _EXCHANGES = {"allreduce": exchange_allreduce, "allgather": exchange_allgather, "two_pass": exchange_two_pass}
 
 
-def exchange(kind: str, comm: Collectives, compressor: Compressor, vs, seeds, local_finite: bool, **kwargs) -> Exchange:
-    """Run the transport called ``kind`` over the tensors ``vs`` (flat fp32, one per parameter)."""
-    return _EXCHANGES[kind](comm, compressor, vs, seeds, local_finite, **kwargs)
+def exchange(kind: str, comm: Collectives, compressor: Compressor, sources, seeds, local_finite: bool, **kwargs) -> Exchange:
+    """Run the transport called ``kind`` over ``sources`` (one :class:`Source` per parameter)."""
+    return _EXCHANGES[kind](comm, compressor, sources, seeds, local_finite, **kwargs)

@@ -205,7 +205,7 @@ def simulate(problem: Problem, cfg: CompressionConfig, gamma: float, steps: int)
         outs = []
         for v, o, mem in zip(vs, own, mems):
             out, shared_mem = fb.result(aggregate, mem)
-            mem.update(fb.worker_update(v, o, mem))
+            mem.update(fb.worker_update(v, v - o, mem))
             mem.update(shared_mem)
             outs.append(out)
         for out in outs[1:]:

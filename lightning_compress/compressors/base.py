@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["Compressor", "pack_parts", "split_parts", "num_blocks", "bytes_as"]
+from kernels._blocks import num_blocks
 
-
-def num_blocks(numel: int, block_size: int) -> int:
-    """Number of blocks of ``block_size`` needed to cover ``numel`` elements."""
-    return -(-numel // block_size)
+__all__ = ["Compressor", "Encoded", "pack_parts", "split_parts", "num_blocks", "bytes_as"]
 
 
 def pack_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -40,6 +37,14 @@ def split_parts(buffer: torch.Tensor, spec: Sequence[tuple[int, torch.dtype]]) -
     if offset != buffer.numel():
         raise RuntimeError(f"payload holds {buffer.numel()} bytes, layout expects {offset}")
     return out
+
+
+class Encoded(NamedTuple):
+    """What :meth:`Compressor.compress` returns for ``v = x + residual``."""
+
+    payload: torch.Tensor
+    norm_sq: torch.Tensor  # ||v||^2 (0-d fp32)
+    err_sq: torch.Tensor  # ||v - C(v)||^2 (0-d fp32)
 
 
 class Compressor(ABC):
@@ -116,6 +121,46 @@ class Compressor(ABC):
     def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Add the decoded payload into ``out`` (fp32, flat) in place."""
         return out.add_(self.decode(payload, out.numel(), seed))
+
+    def decode_add_many_(self, payloads: Sequence[torch.Tensor], out: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """Add every decoded payload into ``out`` in order (one fused pass where a kernel exists)."""
+        for payload, seed in zip(payloads, seeds):
+            self.decode_add_(payload, out, seed)
+        return out
+
+    def compress(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        seed: int = 0,
+        residual_out: torch.Tensor | None = None,
+    ) -> Encoded:
+        """Encode ``v = x + residual`` (``None``: 0) and, into ``residual_out``, write ``v - C(v)``.
+
+        This is the hot path of error feedback; compressors with a fused kernel do it in one
+        pass over ``v`` without materializing ``v`` or ``C(v)``. ``residual_out`` may be
+        ``residual`` itself.
+        """
+        v = x if residual is None else x + residual
+        payload = self.encode(v, seed)
+        error = v - self.decode(payload, v.numel(), seed)
+        if residual_out is not None:
+            residual_out.copy_(error)
+        return Encoded(payload, torch.dot(v, v), torch.dot(error, error))
+
+    def server_compress(
+        self,
+        payloads: Sequence[torch.Tensor],
+        seeds: Sequence[int],
+        server_error: torch.Tensor,
+        server_error_out: torch.Tensor,
+        seed: int,
+    ) -> Encoded:
+        """The two-pass server step: ``w = server_error + sum_r decode(payloads[r])``, encode ``w``
+        with ``seed``, and write ``w - C(w)`` into ``server_error_out``."""
+        total = self.decode_add_many_(payloads, server_error.clone(), seeds)
+        return self.compress(total, None, seed=seed, residual_out=server_error_out)
 
     @staticmethod
     def _count(numel: int, density: float) -> int:

@@ -12,24 +12,13 @@ import math
 import torch
 
 from kernels import pack_bits, packed_nbytes, unpack_bits
-from lightning_compress.compressors.base import Compressor, num_blocks, pack_parts, split_parts
+from kernels._blocks import as_blocks as _blocks
+from kernels._blocks import block_lengths as _block_lengths
+from kernels.qsgd import qsgd_decode_add, qsgd_encode
+from kernels.sign import sign_decode_add, sign_ef, sign_server_step
+from lightning_compress.compressors.base import Compressor, Encoded, num_blocks, pack_parts, split_parts
 
 __all__ = ["SignCompressor", "QSGDCompressor", "TernGradCompressor", "NaturalCompressor"]
-
-
-def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """View ``x`` as ``(num_blocks, block_size)``, zero-padding the last block."""
-    pad = num_blocks(x.numel(), block_size) * block_size - x.numel()
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.view(-1, block_size)
-
-
-def _block_lengths(numel: int, block_size: int, device: torch.device) -> torch.Tensor:
-    lengths = torch.full((num_blocks(numel, block_size),), float(block_size), device=device)
-    if numel % block_size:
-        lengths[-1] = numel % block_size
-    return lengths
 
 
 class _BlockQuantizer(Compressor):
@@ -55,24 +44,48 @@ class SignCompressor(_BlockQuantizer):
     def alpha(self, numel: int) -> float:
         return 1.0 / self._block(numel) if numel else 1.0
 
+    def _layout(self, numel: int) -> list[tuple[int, torch.dtype]]:
+        return [(num_blocks(numel, self._block(numel)), torch.float32), (packed_nbytes(numel, 1), torch.uint8)]
+
+    def _encoded(self, code, numel: int) -> Encoded:
+        # ||v - C(v)||^2 = sum_b (||v_b||^2 - len_b * scale_b^2), since scale_b = ||v_b||_1 / len_b.
+        lengths = _block_lengths(numel, self._block(numel), code.scales.device)
+        err = (code.sq - lengths * code.scales * code.scales).clamp_(min=0).sum()
+        return Encoded(pack_parts([code.scales, code.packed]), code.sq.sum(), err)
+
+    def compress(self, x, residual=None, *, seed=0, residual_out=None) -> Encoded:
+        code = sign_ef(x, residual, block=self._block(x.numel()), residual_out=residual_out)
+        return self._encoded(code, x.numel())
+
     def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        n, block = x.numel(), self._block(x.numel())
-        scales = _blocks(x.abs(), block).sum(dim=1) / _block_lengths(n, block, x.device)
-        return pack_parts([scales, pack_bits((x >= 0).to(torch.uint8), 1)])
+        return self.compress(x.contiguous()).payload
 
     def decode(self, payload: torch.Tensor, numel: int, seed: int = 0) -> torch.Tensor:
-        block = self._block(numel)
-        nb = num_blocks(numel, block)
-        scales, packed = split_parts(payload, [(nb, torch.float32), (packed_nbytes(numel, 1), torch.uint8)])
-        signs = unpack_bits(packed, 1, numel).to(torch.float32).mul_(2).sub_(1)
-        return _blocks(signs, block).mul_(scales.unsqueeze(1)).reshape(-1)[:numel]
+        return self.decode_add_(payload, torch.zeros(numel, dtype=torch.float32, device=payload.device))
+
+    def decode_add_many_(self, payloads, out, seeds=()) -> torch.Tensor:
+        parts = [split_parts(p, self._layout(out.numel())) for p in payloads]
+        return sign_decode_add([s for s, _ in parts], [b for _, b in parts], out, block=self._block(out.numel()))
+
+    def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        return self.decode_add_many_([payload], out)
+
+    def server_compress(self, payloads, seeds, server_error, server_error_out, seed) -> Encoded:
+        numel = server_error.numel()
+        parts = [split_parts(p, self._layout(numel)) for p in payloads]
+        code = sign_server_step(
+            [s for s, _ in parts], [b for _, b in parts], server_error,
+            block=self._block(numel), server_error_out=server_error_out,
+        )
+        return self._encoded(code, numel)
 
 
 class QSGDCompressor(_BlockQuantizer):
     """QSGD (Alistarh et al., NeurIPS 2017) with ``s = 2**bits - 1`` levels per block norm.
 
     ``Q(x_i) = ||x_b|| * sign(x_i) * l_i / s`` with ``l_i`` the stochastic rounding of
-    ``s |x_i| / ||x_b||``. Layout: fp32 norm per block, sign bits packed 8 per byte, then
+    ``s |x_i| / ||x_b||`` by the counter-based generator of :mod:`kernels.rng` (so a
+    payload is reproducible from the seed on every kernel path; see :mod:`kernels.qsgd`). Layout: fp32 norm per block, sign bits packed 8 per byte, then
     ``bits``-bit level codes packed. Unbiased, omega = min(B / s^2, sqrt(B) / s).
     """
 
@@ -101,26 +114,20 @@ class QSGDCompressor(_BlockQuantizer):
         return min(block / s**2, math.sqrt(block) / s)
 
     def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        n, block = x.numel(), self._block(x.numel())
-        magnitude = _blocks(x.abs(), block)
-        # Norms via the block max, so that squares neither overflow (|x| ~ 1e20 and up) nor
-        # underflow (|x| ~ 1e-20 and below) in fp32: ||x_b|| = max|x_b| * ||x_b / max|x_b|||.
-        peak = magnitude.amax(dim=1, keepdim=True)
-        unit = magnitude / torch.where(peak > 0, peak, torch.ones_like(peak))
-        unit_norms = torch.linalg.vector_norm(unit, dim=1, keepdim=True)
-        norms = (unit_norms * peak).reshape(-1)
-        safe = torch.where(unit_norms > 0, unit_norms, torch.ones_like(unit_norms))
-        scaled = (unit / safe * self.levels).reshape(-1)[:n]
-        noise = torch.rand(n, generator=self._generator(seed, x.device), device=x.device)
-        levels = torch.floor(scaled + noise).clamp_(0, self.levels).to(torch.uint8)
-        return pack_parts([norms, pack_bits((x >= 0).to(torch.uint8), 1), pack_bits(levels, self.bits)])
+        code = qsgd_encode(x.contiguous(), bits=self.bits, block=self._block(x.numel()), seed=seed)
+        return pack_parts(code)
 
     def decode(self, payload: torch.Tensor, numel: int, seed: int = 0) -> torch.Tensor:
-        block = self._block(numel)
-        norms, signs, codes = split_parts(payload, self._layout(numel))
-        signs = unpack_bits(signs, 1, numel).to(torch.float32).mul_(2).sub_(1)
-        values = unpack_bits(codes, self.bits, numel).to(torch.float32).mul_(signs).div_(self.levels)
-        return _blocks(values, block).mul_(norms.unsqueeze(1)).reshape(-1)[:numel]
+        return self.decode_add_(payload, torch.zeros(numel, dtype=torch.float32, device=payload.device))
+
+    def decode_add_many_(self, payloads, out, seeds=()) -> torch.Tensor:
+        parts = [split_parts(p, self._layout(out.numel())) for p in payloads]
+        return qsgd_decode_add(
+            *(list(col) for col in zip(*parts)), out, bits=self.bits, block=self._block(out.numel())
+        )
+
+    def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        return self.decode_add_many_([payload], out)
 
 
 class TernGradCompressor(_BlockQuantizer):

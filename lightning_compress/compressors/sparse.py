@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from lightning_compress.compressors.base import Compressor, pack_parts, split_parts
+from kernels.topk import scatter_add, topk_ef
+from lightning_compress.compressors.base import Compressor, Encoded, pack_parts, split_parts
 
 __all__ = ["TopKCompressor", "DGCCompressor", "RandKCompressor"]
 
@@ -43,8 +44,11 @@ class _IndexedSparse(Compressor):
         return self.decode_add_(payload, torch.zeros(numel, dtype=torch.float32, device=payload.device), seed)
 
     def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        values, idx = self._split(payload, out.numel())
-        return out.index_add_(0, idx, values)
+        return self.decode_add_many_([payload], out)
+
+    def decode_add_many_(self, payloads, out, seeds=()) -> torch.Tensor:
+        parts = [self._split(p, out.numel()) for p in payloads]
+        return scatter_add([v for v, _ in parts], [i for _, i in parts], out)
 
 
 class TopKCompressor(_IndexedSparse):
@@ -52,9 +56,16 @@ class TopKCompressor(_IndexedSparse):
 
     name = "topk"
 
+    def compress(self, x, residual=None, *, seed=0, residual_out=None) -> Encoded:
+        # The exact top-k, found through a sampled threshold (see kernels.topk); indices ascending.
+        code = topk_ef(
+            x, residual, k=self.k(x.numel()), residual_out=residual_out, seed=seed, sample_fraction=self.sample_fraction
+        )
+        err = (code.sq - torch.dot(code.values, code.values)).clamp_(min=0)
+        return Encoded(pack_parts([code.values, code.indices]), code.sq, err)
+
     def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        idx = torch.topk(x.abs(), self.k(x.numel()), sorted=False).indices
-        return self._payload(x, idx)
+        return self.compress(x.contiguous(), seed=seed).payload
 
 
 class DGCCompressor(_IndexedSparse):
@@ -143,4 +154,4 @@ class RandKCompressor(Compressor):
         return self.decode_add_(payload, torch.zeros(numel, dtype=torch.float32, device=payload.device), seed)
 
     def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        return out.index_add_(0, self.indices(out.numel(), seed, out.device), payload.to(torch.float32))
+        return scatter_add([payload.to(torch.float32)], [self.indices(out.numel(), seed, out.device)], out)
