@@ -242,6 +242,8 @@ def select_at_least(v, threshold):
 
     def compact(j: int) -> None:
         lo, hi = ranges[j]
+        if counts[j].value == 0:  # nothing to write (and an empty tensor may have a null pointer)
+            return
         lib.lc_select(_ptr(v), threshold, lo, hi, idx.data_ptr() + 8 * offsets[j], ctypes.byref(scratch), None)
 
     _run(lambda lo, hi: [compact(j) for j in range(lo, hi)], _ranges(len(ranges), n))

@@ -255,7 +255,7 @@ void lc_select(const float *v, float t, int64_t i0, int64_t i1, int64_t *idx, in
             acc[j] += v[i] * v[i];
             c += fabsf(v[i]) >= t;
         }
-        *sq = tree16(acc);
+        if (sq) *sq = tree16(acc);
     }
     *count = c;
 }
