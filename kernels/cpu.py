@@ -32,7 +32,7 @@ from kernels.rng import stream_keys
 __all__ = ["available", "build_error", "library_path"]
 
 _SOURCE = Path(__file__).with_name("cpu_ops.c")
-_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
 _NATIVE = ["-march=native"]
 _PARALLEL_MIN = 1 << 18  # elements below which one thread does the whole tensor
 
@@ -47,6 +47,7 @@ _SIGNATURES = {
     "lc_sign_decode_add": [_P, _P, _I, _P, _I, _I, _I, _I],
     "lc_qsgd_encode": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_uint32, ctypes.c_uint32, _I, _I],
     "lc_qsgd_decode_add": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I],
+    "lc_sign_server": [_P, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I],
     "lc_add": [_P, _P, _P, _I, _I],
     "lc_select": [_P, ctypes.c_float, _I, _I, _P, _P, _P],
 }
@@ -188,9 +189,16 @@ def sign_decode_add(scales, packed, out, block):
 
 
 def sign_server_step(scales, packed, server_error, block, server_error_out):
-    total = server_error.clone()
-    sign_decode_add(scales, packed, total, block)
-    return sign_ef(total, None, block, server_error_out)
+    n = server_error.numel()
+    nb = num_blocks(n, block)
+    scales, packed = _contig(scales), _contig(packed)
+    ps, pp = _ptrs(scales), _ptrs(packed)
+    scales_out, sq = torch.empty(nb), torch.empty(nb)
+    packed_out = torch.empty(-(-n // 8), dtype=torch.uint8)
+    lib = _library()
+    args = (ps, pp, len(scales), _ptr(server_error), _ptr(server_error_out), _ptr(scales_out), _ptr(sq), _ptr(packed_out))
+    _run(lambda lo, hi: lib.lc_sign_server(*args, n, block, lo, hi), _ranges(nb, n))
+    return scales_out, packed_out, sq
 
 
 def qsgd_encode(x, bits, block, seed):

@@ -3,7 +3,8 @@
  * Every function works on a range of blocks (or elements) so that the caller can split
  * one tensor over threads; ranges handed to different threads never share a byte of
  * packed output, because blocks start on a byte (the caller checks).
- * Built with -ffp-contract=off: no fused multiply-add, so the products and sums that the
+ * Built with -ffp-contract=off (no fused multiply-add) and -fno-trapping-math (lets the
+ * selects vectorize; results are unchanged), so the products and sums that the
  * torch twins compute element by element are bitwise the same here. Sums over a block
  * use 16 interleaved partial sums (vectorizable), so they differ from torch's in
  * rounding only.
@@ -159,12 +160,25 @@ void lc_qsgd_encode(const float *x, float *norms, uint8_t *signs, uint8_t *codes
         const int64_t start = b * block;
         const int64_t len = (n - start < block) ? n - start : block;
         const float *xb = x + start;
+        float pk[LANES] = {0};
+        int nan_lane[LANES] = {0};
+        int64_t p = 0;
+        for (; p + LANES <= len; p += LANES)
+            for (int j = 0; j < LANES; ++j) {
+                float a = fabsf(xb[p + j]);
+                pk[j] = a > pk[j] ? a : pk[j];
+                nan_lane[j] |= a != a;
+            }
+        for (int j = 0; p < len; ++p, ++j) {
+            float a = fabsf(xb[p]);
+            pk[j] = a > pk[j] ? a : pk[j];
+            nan_lane[j] |= a != a;
+        }
         float peak = 0.0f;
         int has_nan = 0;
-        for (int64_t i = 0; i < len; ++i) {
-            float a = fabsf(xb[i]);
-            if (a > peak) peak = a;
-            if (a != a) has_nan = 1;
+        for (int j = 0; j < LANES; ++j) {
+            peak = pk[j] > peak ? pk[j] : peak; /* max is exact in any order */
+            has_nan |= nan_lane[j];
         }
         if (has_nan) peak = NAN;
         const float psafe = peak > 0.0f ? peak : 1.0f;
@@ -190,18 +204,27 @@ void lc_qsgd_encode(const float *x, float *norms, uint8_t *signs, uint8_t *codes
             for (int64_t j = 0; j < m; ++j) byte |= (unsigned)(xb[g + j] >= 0.0f) << j;
             sb[g / 8] = (uint8_t)byte;
         }
-        for (int64_t g = 0; g < len; g += per_byte) {
-            const int64_t m = (len - g < per_byte) ? len - g : per_byte;
-            unsigned byte = 0;
-            for (int64_t j = 0; j < m; ++j) {
-                float unit = fabsf(xb[g + j]) / psafe;
+        /* Levels for up to 256 elements at a time (a vectorizable loop), then packed. */
+        for (int64_t c0 = 0; c0 < len; c0 += 256) {
+            const int64_t m = (len - c0 < 256) ? len - c0 : 256;
+            int32_t lv[256];
+            const uint32_t base = (uint32_t)(start + c0);
+            for (int j = 0; j < (int)m; ++j) {
+                uint32_t h = mix32((base + (uint32_t)j) * 0x9E3779B9u + k0);
+                h = mix32(h ^ k1);
+                const float u = (float)(int32_t)(h >> 8) * (1.0f / 16777216.0f); /* = uniform_at */
+                float unit = fabsf(xb[c0 + j]) / psafe;
                 float scaled = (unit / usafe) * levels;
-                float f = floorf(scaled + uniform_at((uint64_t)(start + g + j), k0, k1));
-                if (!(f >= 0.0f)) f = 0.0f;
-                if (f > levels) f = levels;
-                byte |= (unsigned)f << (j * bits);
+                float f = floorf(scaled + u);
+                f = (f >= 0.0f) ? f : 0.0f; /* NaN: 0 */
+                f = (f > levels) ? levels : f;
+                lv[j] = (int32_t)f;
             }
-            cb[g / per_byte] = (uint8_t)byte;
+            for (int64_t g = 0; g < m; g += per_byte) {
+                unsigned byte = 0;
+                for (int j = 0; j < per_byte && g + j < m; ++j) byte |= (unsigned)lv[g + j] << (j * bits);
+                cb[(c0 + g) / per_byte] = (uint8_t)byte;
+            }
         }
     }
 }
@@ -212,6 +235,12 @@ void lc_qsgd_decode_add(const float *const *norms, const uint8_t *const *signs, 
     const float levels = (float)((1 << bits) - 1);
     const unsigned mask = (1u << bits) - 1u;
     const int per_byte = (int)(8 / bits);
+    const int shift = bits == 1 ? 3 : bits == 2 ? 2 : bits == 4 ? 1 : 0; /* log2(per_byte) */
+    float lut[2][256]; /* the twin's (level * sign) / levels, for every sign and level */
+    for (unsigned l = 0; l <= mask; ++l) {
+        lut[0][l] = ((float)l * -1.0f) / levels;
+        lut[1][l] = ((float)l * 1.0f) / levels;
+    }
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * block;
         const int64_t len = (n - start < block) ? n - start : block;
@@ -221,11 +250,9 @@ void lc_qsgd_decode_add(const float *const *norms, const uint8_t *const *signs, 
             const uint8_t *sb = signs[r] + start / 8;
             const uint8_t *cb = codes[r] + start * bits / 8;
             for (int64_t i = 0; i < len; ++i) {
-                float sign = ((sb[i >> 3] >> (i & 7)) & 1u) ? 1.0f : -1.0f;
-                unsigned level = (cb[i / per_byte] >> ((i % per_byte) * bits)) & mask;
-                float t = (float)level * sign;
-                t = t / levels;
-                ob[i] += t * nb;
+                unsigned sign = (sb[i >> 3] >> (i & 7)) & 1u;
+                unsigned level = (cb[i >> shift] >> ((i & (per_byte - 1)) * bits)) & mask;
+                ob[i] += lut[sign][level] * nb;
             }
         }
     }
@@ -258,4 +285,18 @@ void lc_select(const float *v, float t, int64_t i0, int64_t i1, int64_t *idx, in
         if (sq) *sq = tree16(acc);
     }
     *count = c;
+}
+
+/* Two-pass server step, block by block while the block is in cache:
+ * w = err_in + sum_r decode_r (into err_out), then encode w and leave w - C(w) in err_out. */
+void lc_sign_server(const float *const *scales, const uint8_t *const *packed, int64_t R, const float *err_in,
+                    float *err_out, float *scales_out, float *sq_out, uint8_t *packed_out, int64_t n, int64_t block,
+                    int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * block;
+        const int64_t len = (n - start < block) ? n - start : block;
+        for (int64_t i = 0; i < len; ++i) err_out[start + i] = err_in[start + i];
+        lc_sign_decode_add(scales, packed, R, err_out, n, block, b, b + 1);
+        lc_sign_ef(err_out, 0, err_out, scales_out, sq_out, packed_out, n, block, b, b + 1);
+    }
 }
