@@ -4,6 +4,10 @@ Train once with a strategy chosen by name::
 
     python examples/lightning_digits.py --strategy compressed_ddp_spawn --compressor sign --feedback doublesqueeze
 
+Let GraVAC choose the compression factor of top-k online (window shortened for a short run)::
+
+    python examples/lightning_digits.py --compressor topk --feedback ef --gravac "window=20"
+
 Compare dense DDP with compressed configurations side by side (accuracy, bytes per step, time per step)::
 
     python examples/lightning_digits.py --compare "compressor=sign,feedback=doublesqueeze" \
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_compress  # noqa: F401  (registers the compressed_ddp* strategy names)
+from lightning_compress.callbacks import GraVAC
 from lightning_compress.strategy import CompressedDDPStrategy, build_config
 
 
@@ -92,26 +97,43 @@ class StepTimer(Callback):
 
 
 def train(strategy: str | pl.strategies.Strategy, epochs: int = 20, devices: int = 2, batch_size: int = 32,
-          lr: float = 0.05, seed: int = 0) -> dict[str, Any]:
+          lr: float = 0.05, seed: int = 0, callbacks: list[Callback] = (), logger: Any = False) -> dict[str, Any]:
     """Train on ``devices`` CPU processes; returns test accuracy, bytes sent per step and time per step."""
     train_set, test_set = digits(seed)
     model = DigitsClassifier(lr=lr, seed=seed)
     trainer = pl.Trainer(
-        strategy=strategy, accelerator="cpu", devices=devices, max_epochs=epochs, callbacks=[StepTimer()],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=True,
+        strategy=strategy, accelerator="cpu", devices=devices, max_epochs=epochs,
+        callbacks=[StepTimer(), *callbacks], logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
     )  # fmt: skip
     trainer.fit(model, DataLoader(train_set, batch_size=batch_size, shuffle=True))
     metrics = trainer.callback_metrics
     dense = sum(p.numel() * p.element_size() for p in model.parameters()) * 2.0 * (devices - 1) / devices
     sent = float(metrics["compression/bytes_sent"]) if "compression/bytes_sent" in metrics else dense
+    # Every rank draws ceil(n / devices) samples per epoch (DistributedSampler pads), in full or partial batches.
+    steps = epochs * -(-(-(-len(train_set) // devices)) // batch_size)
     return {
         "accuracy": model.accuracy(test_set),
+        "steps": steps,
+        "bytes_total": float(metrics.get("compression/bytes_sent_total", dense * steps)),
+        "dense_bytes_total": dense * steps,
         "bytes_per_step": sent,
         "ratio": dense / sent if sent else float("inf"),
         "time_per_step": float(metrics.get("time_per_step", float("nan"))),
         "rank": trainer.global_rank,  # with the popen launcher every rank runs this script
     }
+
+
+def gravac_options(text: str) -> dict[str, Any]:
+    """``"theta_min=10,window=20,scaling=geometric"`` to GraVAC keyword arguments."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            options[key.strip()] = int(value) if value.strip().isdigit() else float(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return options
 
 
 def _compressed_strategy(name: str, options: dict[str, Any]) -> CompressedDDPStrategy:
@@ -130,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, kind in (("compressor", str), ("density", float), ("bits", int), ("feedback", str), ("transport", str),
                        ("warmup-steps", int), ("min-numel", int), ("block-size", int), ("diana-alpha", float)):
         parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--gravac", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                        help="adapt the compression factor with the GraVAC callback (compressor topk, dgc or qsgd)")
     parser.add_argument("--compare", nargs="*", metavar="CONFIG", default=None,
                         help='run dense DDP and each "key=value,..." config, then print a table')
     args = parser.parse_args(argv)
@@ -142,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.compare is None:
         strategy: Any = _compressed_strategy(args.strategy, options) if options else args.strategy
-        result = train(strategy, **common)
+        callbacks = [] if args.gravac is None else [GraVAC(**gravac_options(args.gravac))]
+        result = train(strategy, callbacks=callbacks, **common)
         if result["rank"] == 0:
             print(result)
         return

@@ -59,6 +59,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     state.record_bucket(buffer.numel() * buffer.element_size())
     if state.step < state.config.warmup_steps or not chosen:
         _dense_allreduce(state, buffer)
+    elif state.adaptive is not None:
+        _adaptive_exchange(state, params, grads, chosen, buffer)
     else:
         _compressed_exchange(state, params, grads, chosen, buffer)
     if bucket.is_last():
@@ -68,12 +70,9 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
 
 def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
     world, comp, fb = state.world_size, state.compressor, state.feedback
-    names = [state.param_names[id(params[i])] for i in chosen]
+    names, xs = _scaled_inputs(state, params, grads, chosen)
     sources, mems, vs = [], [], []
-    for i, name in zip(chosen, names):
-        g = grads[i].detach().reshape(-1)
-        # x = grad / world in a buffer kept between steps (no fresh allocation per step).
-        x = state.scratch(name, "x", g.numel(), g.device).copy_(g).div_(world)
+    for name, x in zip(names, xs):
         mem = state.memory_for(name, x.numel(), x.device)
         xin, res = fb.compress_args(x, mem)
         error = state.scratch(name, "error", x.numel(), x.device) if fb.memory_keys else None
@@ -114,6 +113,12 @@ def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
         mem.update(shared)
         if result.server_memory:
             state.server_memory[name] = result.server_memory[k]
+    _dense_rest(state, grads, chosen)
+    state.record_compression(result.err_sq, result.norm_sq)
+
+
+def _dense_rest(state, grads, chosen) -> None:
+    """Average the gradients of the bucket that are not compressed, in one allreduce."""
     chosen_set = set(chosen)
     rest = [g for i, g in enumerate(grads) if i not in chosen_set]
     if rest:
@@ -121,7 +126,30 @@ def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
         _dense_allreduce(state, flat)
         for g, piece in zip(rest, torch.split(flat, [g.numel() for g in rest])):
             g.copy_(piece.view_as(g))
-    state.record_compression(result.err_sq, result.norm_sq)
+
+
+def _scaled_inputs(state, params, grads, chosen) -> tuple[list[str], list[torch.Tensor]]:
+    names = [state.param_names[id(params[i])] for i in chosen]
+    xs = []
+    for i, name in zip(chosen, names):
+        g = grads[i].detach().reshape(-1)
+        # x = grad / world in a buffer kept between steps (no fresh allocation per step).
+        xs.append(state.scratch(name, "x", g.numel(), g.device).copy_(g).div_(state.world_size))
+    return names, xs
+
+
+def _adaptive_exchange(state, params, grads, chosen, buffer) -> None:
+    """GraVAC: the attached controller picks the compression factor (see ``adaptive``)."""
+    names, xs = _scaled_inputs(state, params, grads, chosen)
+    aggregates = state.adaptive.exchange(state, names, xs, bool(torch.isfinite(buffer).all()))
+    if aggregates is None:
+        state.adaptive.skip_step()
+        _dense_allreduce(state, buffer)
+        return
+    for i, agg in zip(chosen, aggregates):
+        grads[i].copy_(agg.view_as(grads[i]))
+    _dense_rest(state, grads, chosen)
+    state.record_compression(state.adaptive.bucket_err, state.adaptive.bucket_norm)
 
 
 def register_compression(

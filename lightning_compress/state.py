@@ -99,7 +99,7 @@ class CompressionState:
         # parameter bookkeeping
         "param_names", "param_index",
         # internal state
-        "step", "memory", "server_memory", "_pending", "_scratch",
+        "step", "memory", "server_memory", "_pending", "_scratch", "adaptive", "_adaptive_saved",
         # stats
         "stats", "_step_dense_bytes", "_step_err", "_step_norm", "_step_compressed", "_step_buckets",
     )  # fmt: skip
@@ -121,6 +121,8 @@ class CompressionState:
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
         self.server_memory: dict[str, torch.Tensor] = {}
         self._scratch: dict[tuple[str, str], torch.Tensor] = {}  # buffers reused between steps, never saved
+        self.adaptive = None  # an AdaptiveRun (GraVAC) when one is attached
+        self._adaptive_saved: dict[str, Any] | None = None  # controller state loaded before attaching
         self._pending: dict[str, Any] = {}
         self.stats = CompressionStats(world_size=self.world_size)
         self._set_config(config)
@@ -164,6 +166,8 @@ class CompressionState:
 
     def finish_step(self) -> None:
         """Close the step: roll stats, advance the counter, apply pending config changes."""
+        if self.adaptive is not None:
+            self.adaptive.finish_step(self)  # one small all_gather, counted in this step's bytes
         comm, s = self.collectives, self.stats
         s.bytes_last_step, s.sent_bytes_last_step = comm.bytes_handed, comm.bytes_sent
         s.dense_bytes_last_step = self._step_dense_bytes
@@ -238,6 +242,7 @@ class CompressionState:
             "memory": {name: {k: t.detach().clone() for k, t in mem.items()} for name, mem in self.memory.items()},
             "server_memory": {name: t.detach().clone() for name, t in self.server_memory.items()},
             "stats": asdict(self.stats),
+            "adaptive": self.adaptive.controller.state_dict() if self.adaptive is not None else self._adaptive_saved,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -253,6 +258,12 @@ class CompressionState:
         self._set_config(self.config.replace(density=saved.density, bits=saved.bits))
         self._pending = dict(state.get("pending", {}))
         self.memory, self.server_memory = {}, {}
+        saved_adaptive = state.get("adaptive")
+        if saved_adaptive is not None:
+            if self.adaptive is not None:
+                self.adaptive.controller.load_state_dict(saved_adaptive)
+            else:
+                self._adaptive_saved = dict(saved_adaptive)  # applied by attach_gravac
         mismatch = []
         if int(state["world_size"]) != self.world_size:
             mismatch.append(f"world size {state['world_size']} -> {self.world_size}")

@@ -86,6 +86,7 @@ class Source:
     x: torch.Tensor
     residual: torch.Tensor | None = None
     error_out: torch.Tensor | None = None
+    encoded: Encoded | None = None  # already compressed (allreduce/allgather use it as is)
 
     def numel(self) -> int:
         return self.x.numel()
@@ -111,7 +112,10 @@ def _flag(local_finite: bool, device: torch.device) -> torch.Tensor:
 
 
 def _compress_all(compressor: Compressor, sources: Sequence[Source], seeds: Sequence[int]) -> list[Encoded]:
-    return [compressor.compress(s.x, s.residual, seed=seed, residual_out=s.error_out) for s, seed in zip(sources, seeds)]
+    return [
+        s.encoded if s.encoded is not None else compressor.compress(s.x, s.residual, seed=seed, residual_out=s.error_out)
+        for s, seed in zip(sources, seeds)
+    ]
 
 
 def _totals(encoded: Sequence[Encoded]) -> dict[str, float]:

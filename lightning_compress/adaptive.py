@@ -1,0 +1,206 @@
+"""GraVAC in the DDP hook: per-step gains at two compression factors, and the CF decision.
+
+The decision logic is :class:`~lightning_compress.gravac.GraVACController`; this module is
+what runs it inside the exchange. Each step, for every compressible tensor, on the
+error-compensated gradient ``g = x + e``:
+
+1. ``g_min = C(g, theta_min)`` and the candidate ``g_c = C(g_min, CF_c)``, a second compression
+   of the already compressed tensor (multi-level compression), with their errors;
+2. the tensor that the controller's plan names (decided before the step, identical on every
+   rank) is sent: the candidate, ``g_min``, or ``g`` itself densely; the residual becomes
+   ``g`` minus what was sent (zero after a dense step);
+3. after the last bucket, one ``all_gather`` of four numbers per rank (errors at both levels,
+   ``||g||^2``, iteration time) gives every rank the same gains ``1 - sum err / sum ||g||^2``
+   and the slowest rank's iteration time, which the controller observes.
+
+Gains are those of the whole model (all compressed tensors together), as in the paper.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from lightning_compress.compressors import Compressor
+from lightning_compress.gravac import GraVACController, Plan
+from lightning_compress.transport import Source, exchange
+
+__all__ = ["AdaptiveRun", "ADAPTIVE_COMPRESSORS", "qsgd_ladder", "attach_gravac"]
+
+ADAPTIVE_COMPRESSORS = ("topk", "dgc", "qsgd")
+_QSGD_BITS = (8, 4, 2, 1)
+
+
+def qsgd_ladder() -> list[float]:
+    """CFs of QSGD at 8, 4, 2 and 1 bits (``bits + 1`` bits per element against 32)."""
+    return [32.0 / (b + 1) for b in _QSGD_BITS]
+
+
+class AdaptiveRun:
+    """A controller attached to one :class:`~lightning_compress.state.CompressionState`."""
+
+    def __init__(self, controller: GraVACController, state):
+        cfg = state.config
+        if cfg.compressor not in ADAPTIVE_COMPRESSORS:
+            raise ValueError(
+                f"GraVAC adapts the compression factor of {ADAPTIVE_COMPRESSORS}; the compressor is {cfg.compressor!r}"
+            )
+        if cfg.feedback != "ef":
+            raise ValueError(
+                f"GraVAC keeps its own error feedback (residual = g - sent, cleared after a dense step); "
+                f"use feedback='ef', not {cfg.feedback!r}"
+            )
+        if state.transport == "two_pass":
+            raise ValueError("GraVAC sends through allgather or allreduce, not two_pass")
+        self.controller = controller
+        self.samples_per_step = float(state.world_size)  # world x batch; integrations set the batch
+        self._base = cfg
+        self._compressors: dict[float, Compressor] = {}
+        self._plan: Plan | None = None
+        self._plan_step = -1
+        self._last_finish: float | None = None
+        self._step_begin: float | None = None
+        self._reset()
+        self.bucket_err = self.bucket_norm = 0.0
+        self.last: dict[str, Any] = {}  # what the last observed step did, for loggers
+
+    def _reset(self) -> None:
+        self._err_min = self._err_cand = self._norm = 0.0
+        self._used = False
+        self._skip = False
+
+    def skip_step(self) -> None:
+        """Some rank held inf/NaN (every rank learns it together): this step is not observed."""
+        self._skip = True
+
+    def compressor(self, cf: float) -> Compressor:
+        """The configured compressor at compression factor ``cf``."""
+        comp = self._compressors.get(cf)
+        if comp is None:
+            if self._base.compressor == "qsgd":
+                bits = min(_QSGD_BITS, key=lambda b: abs(32.0 / (b + 1) - cf))
+                comp = self._base.replace(bits=bits, feedback="none").make_compressor()
+            else:
+                comp = self._base.replace(density=min(1.0, 1.0 / cf), feedback="none").make_compressor()
+            self._compressors[cf] = comp
+        return comp
+
+    def plan(self, step: int) -> Plan:
+        """The plan of step ``step`` (fixed at its first bucket)."""
+        if self._plan_step != step:
+            self._plan, self._plan_step = self.controller.plan(), step
+            self._step_begin = time.perf_counter()
+        return self._plan
+
+    # ----- the exchange of one bucket -------------------------------------------------------
+    def exchange(self, state, names, xs, local_finite: bool):
+        """Compress, send and aggregate one bucket's tensors; returns aggregates or ``None`` (inf/NaN)."""
+        plan = self.plan(state.step)
+        mems = [state.memory_for(name, x.numel(), x.device) for name, x in zip(names, xs)]
+        gs = [torch.add(x, mem["residual"], out=state.scratch(name, "g", x.numel(), x.device))
+              for name, x, mem in zip(names, xs, mems)]  # fmt: skip
+        if plan.send_cf is None:
+            flat = torch.cat(gs)
+            state.collectives.allreduce_(flat)
+            if not bool(torch.isfinite(flat).all()):
+                return None
+            aggregates = list(torch.split(flat, [g.numel() for g in gs]))
+            residuals = [None] * len(gs)
+            self._observe_levels(state, names, gs, plan, send=False)
+            self.bucket_err, self.bucket_norm = 0.0, sum(float(torch.dot(g, g)) for g in gs)
+        else:
+            encoded, residuals = self._observe_levels(state, names, gs, plan, send=True)
+            comp = self.compressor(plan.send_cf)
+            seeds = [self._seed(state, n, plan.send_cf == plan.candidate_cf) for n in names]
+            sources = [Source(g, encoded=enc) for g, enc in zip(gs, encoded)]
+            result = exchange(state.transport, state.collectives, comp, sources, seeds, local_finite)
+            if not result.finite:
+                return None
+            aggregates = result.aggregates
+            self.bucket_err = sum(float(torch.dot(r, r)) for r in residuals)
+            self.bucket_norm = sum(float(e.norm_sq) for e in encoded)
+        for mem, res in zip(mems, residuals):
+            if res is None:
+                mem["residual"].zero_()
+            else:
+                mem["residual"].copy_(res)
+        return aggregates
+
+    @staticmethod
+    def _seed(state, name: str, candidate: bool) -> int:
+        pick = state.seed if state.compressor.shared_randomness else state.rank_seed
+        return pick(name, 1 if candidate else 0)
+
+    def _observe_levels(self, state, names, gs, plan: Plan, send: bool):
+        cmin, ccand = self.compressor(plan.min_cf), self.compressor(plan.candidate_cf)
+        encoded, residuals = [], []
+        for name, g in zip(names, gs):
+            err_min = state.scratch(name, "err_min", g.numel(), g.device)
+            enc_min = cmin.compress(g, seed=self._seed(state, name, False), residual_out=err_min)
+            d_min = torch.sub(g, err_min, out=state.scratch(name, "d_min", g.numel(), g.device))
+            err_c = state.scratch(name, "err_c", g.numel(), g.device)
+            enc_c = ccand.compress(d_min, seed=self._seed(state, name, True), residual_out=err_c)
+            total_c = err_c.add_(err_min)  # g - C(g_min) = (g - g_min) + (g_min - C(g_min))
+            self._norm += float(enc_min.norm_sq)
+            self._err_min += float(enc_min.err_sq)
+            self._err_cand += float(torch.dot(total_c, total_c))
+            if send:
+                if plan.send_cf == plan.candidate_cf:
+                    encoded.append(enc_c)
+                    residuals.append(total_c)
+                else:
+                    encoded.append(enc_min)
+                    residuals.append(err_min)
+        self._used = True
+        return encoded, residuals
+
+    # ----- end of step ----------------------------------------------------------------------
+    def finish_step(self, state) -> None:
+        """Combine this step's numbers over ranks (one small all_gather) and let the controller observe."""
+        if not self._used or self._skip:
+            self._reset()
+            return
+        now = time.perf_counter()
+        start = self._last_finish if self._last_finish is not None else self._step_begin
+        self._last_finish = now
+        local = torch.tensor([self._err_min, self._err_cand, self._norm, now - start], dtype=torch.float64)
+        gathered = torch.stack(state.collectives.all_gather(local))
+        err_min, err_cand, norm = (float(v) for v in gathered[:, :3].sum(dim=0))
+        iteration_time = max(float(gathered[:, 3].max()), 1e-9)
+        plan = self._plan
+        gain_min = 1.0 - err_min / norm if norm > 0 else 1.0
+        gain_cand = 1.0 - err_cand / norm if norm > 0 else 1.0
+        self.controller.observe(gain_min, gain_cand, iteration_time, self.samples_per_step)
+        sent = "dense" if plan.send_cf is None else "candidate" if plan.send_cf == plan.candidate_cf else "min"
+        self.last = {
+            "cf": plan.send_cf if plan.send_cf is not None else 1.0,
+            "gain": {"dense": 1.0, "candidate": gain_cand, "min": gain_min}[sent],
+            "gain_min": gain_min,
+            "gain_candidate": gain_cand,
+            "iteration_time": iteration_time,
+            "throughput": self.samples_per_step / iteration_time,
+            "theta_min": plan.min_cf,
+            "candidate_cf": plan.candidate_cf,
+        }
+        self._reset()
+
+
+def attach_gravac(state, controller: GraVACController | None = None, **kwargs) -> AdaptiveRun:
+    """Run GraVAC on ``state`` (a registered :class:`CompressionState`); returns the attachment.
+
+    ``kwargs`` go to :class:`GraVACController` when no ``controller`` is given; ``world_size``
+    and, for ``qsgd``, the bit-width ``ladder`` are filled in.
+    """
+    if controller is None:
+        kwargs.setdefault("world_size", state.world_size)
+        if state.config.compressor == "qsgd":
+            kwargs.setdefault("ladder", qsgd_ladder())
+        controller = GraVACController(**kwargs)
+    run = AdaptiveRun(controller, state)
+    if state._adaptive_saved is not None:  # a checkpoint was loaded before the controller existed
+        controller.load_state_dict(state._adaptive_saved)
+        state._adaptive_saved = None
+    state.adaptive = run
+    return run
