@@ -6,7 +6,7 @@ import functools
 import logging
 from typing import Any
 
-from accelerate_compress.flag import config_from_env
+from accelerate_compress.flag import adaptive_from_env, config_from_env
 
 __all__ = ["install"]
 
@@ -18,6 +18,7 @@ def install() -> bool:
     config = config_from_env()  # invalid settings fail here, before the training script runs
     if config is None:
         return False
+    adaptive = adaptive_from_env()
     from accelerate import Accelerator
 
     from accelerate_compress.adapter import enable  # now: the script's folder replaces sys.path[0] later
@@ -30,7 +31,7 @@ def install() -> bool:
     def prepare_model(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
         prepared = original(self, model, *args, **kwargs)
         if not kwargs.get("evaluation_mode", False):
-            enable(self, prepared, config)
+            enable(self, prepared, config, adaptive="none" if adaptive is None else adaptive)
         return prepared
 
     prepare_model._accelerate_compress = True  # type: ignore[attr-defined]

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from accelerate_compress.flag import config_from_env, resolve
+from accelerate_compress.flag import adaptive_from_env, adaptive_options, config_from_env, resolve
+from lightning_compress.adaptive import attach_gravac
 from lightning_compress.config import CompressionConfig
 from lightning_compress.hook import get_compression_state, register_compression
 from lightning_compress.state import CompressionState
@@ -90,10 +91,32 @@ class CompressionCheckpoint:
         state.load_state_dict(ranks[min(state.rank, len(ranks) - 1)])
 
 
+def _adaptive(config: Any, adaptive: Any) -> dict[str, Any] | None:
+    """GraVAC keyword arguments asked for by ``adaptive`` or, when it is ``None``, by ``config``/the environment."""
+    if adaptive is not None:
+        if adaptive == "none":
+            return None
+        if adaptive == "gravac":
+            return adaptive_options({"adaptive": "gravac"})
+        if isinstance(adaptive, Mapping):
+            return adaptive_options({"adaptive": "gravac", "gravac": dict(adaptive)})
+        raise ValueError(f"`adaptive` must be 'none', 'gravac' or a dict of GraVAC parameters; got {adaptive!r}")
+    if config is None:
+        return adaptive_from_env()
+    if isinstance(config, str):
+        from accelerate_compress.flag import parse_setting
+
+        return adaptive_options(parse_setting(config))
+    if isinstance(config, Mapping):
+        return adaptive_options(config)
+    return None
+
+
 def enable(
     accelerator: Any,
     model: Any,
     config: CompressionConfig | Mapping[str, Any] | str | None = None,
+    adaptive: str | Mapping[str, Any] | None = None,
 ) -> CompressionState | None:
     """Turn on compressed, error-compensated gradient exchange for a model returned by ``accelerator.prepare``.
 
@@ -108,6 +131,10 @@ def enable(
         model: the prepared model (``DistributedDataParallel`` when there are several processes).
         config: a :class:`~lightning_compress.CompressionConfig`, a dict, an inline ``"k=v,..."`` string or a YAML
             path; ``None`` reads ``ACCELERATE_COMPRESSION`` (unset or empty: the config defaults).
+        adaptive: ``"gravac"`` or a dict of GraVAC parameters to let GraVAC choose the compression factor
+            (:mod:`lightning_compress.gravac`), ``"none"`` for a fixed one; ``None`` takes what ``config`` (or
+            the environment) says with ``adaptive=gravac`` and ``gravac_*`` options. The controller's state is
+            saved and restored with the compression state.
 
     Returns:
         The :class:`~lightning_compress.CompressionState`, or ``None`` on a single process (nothing to exchange).
@@ -134,6 +161,7 @@ def enable(
         _register_checkpointing(accelerator, existing)
         return existing
     resolved = _as_config(config) or CompressionConfig()
+    gravac = _adaptive(config, adaptive)
     if ddp is None:
         if getattr(accelerator, "num_processes", 1) > 1:
             raise RuntimeError(
@@ -151,6 +179,8 @@ def enable(
             "a DDP model takes one comm hook. Drop `comm_hook` from DistributedDataParallelKwargs to use compression."
         )
     state = register_compression(ddp, resolved, process_group=ddp.process_group)
+    if gravac is not None:
+        attach_gravac(state, **gravac)
     _register_checkpointing(accelerator, state)
     _follow_loss_scale(getattr(accelerator, "scaler", None), state)
     if not _ENABLED:
@@ -189,6 +219,8 @@ def _report() -> None:
         if folder:
             os.makedirs(folder, exist_ok=True)
             record = {**s.as_dict(), "step": state.step, "rank": state.rank, "config": state.config.to_dict()}
+            if state.adaptive is not None:
+                record["adaptive"] = state.adaptive.controller.state_dict()
             suffix = f"_{i}" if i else ""
             with open(os.path.join(folder, f"rank{state.rank}{suffix}.json"), "w", encoding="utf-8") as handle:
                 json.dump(record, handle)
@@ -196,7 +228,8 @@ def _report() -> None:
             print(
                 f"accelerate-compress: {state.config.compressor}/{state.config.feedback} on {state.world_size} ranks, "
                 f"{s.steps} synchronized steps, {s.ratio_total:.1f}x fewer bytes sent than dense DDP "
-                f"({s.sent_bytes_total / s.steps:.0f} B per step per rank)",
+                f"({s.sent_bytes_total / s.steps:.0f} B per step per rank)"
+                + (f"; GraVAC: {state.adaptive.controller!r}" if state.adaptive is not None else ""),
                 file=sys.stderr,
                 flush=True,
             )

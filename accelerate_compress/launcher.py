@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import Any
 
-from accelerate_compress.flag import ADAPTIVE, ENV_VAR, SECTION, parse_setting, resolve, to_inline
+from accelerate_compress.flag import ADAPTIVE, ENV_VAR, SECTION, adaptive_options, parse_setting, resolve, to_inline
 
 __all__ = ["main", "plan"]
 
@@ -28,7 +28,8 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "bits": (int, "magnitude bits of qsgd (1, 2, 4 or 8)"),
     "feedback": (str, "error compensation: none, ef, ef21, diana, doublesqueeze"),
     "transport": (str, "auto, allreduce, allgather or two_pass"),
-    "adaptive": (str, f"adaptive compression factor, one of {ADAPTIVE} ('gravac' is planned)"),
+    "adaptive": (str, f"adaptive compression factor, one of {ADAPTIVE}"),
+    "gravac": (str, "GraVAC parameters 'theta_min=10,window=500,...' (with --adaptive gravac)"),
 }
 
 
@@ -142,7 +143,12 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
     if args.compression:
         layers.append(parse_setting(args.compression))
     flags = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
+    if "gravac" in flags:
+        gravac = parse_setting(",".join(f"gravac_{item.strip()}" for item in flags.pop("gravac").split(",") if item.strip()))
+        flags.update(gravac)
     for name, value in flags.items():
+        if name.startswith("gravac_"):
+            continue
         kind = _OPTIONS[name][0]
         try:
             flags[name] = kind(value) if name != "adaptive" else value
@@ -152,6 +158,15 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
     layers.append(flags)
     wanted = any(layers)
     config = resolve(*layers) if wanted else None
+    adaptive = adaptive_options(*layers) if wanted else None
+    if adaptive is not None:
+        from lightning_compress.adaptive import ADAPTIVE_COMPRESSORS
+
+        if config.compressor not in ADAPTIVE_COMPRESSORS or config.feedback != "ef":
+            raise LaunchError(
+                f"adaptive=gravac needs compressor in {ADAPTIVE_COMPRESSORS} with feedback=ef; "
+                f"got compressor={config.compressor}, feedback={config.feedback}"
+            )
 
     head = _strip_own_options(head)
     env: dict[str, str] = {}
@@ -169,13 +184,20 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
             head.insert(0, "--multi_gpu")
         env["ACCELERATE_USE_CPU"] = "true"
     if config is not None:
-        env[ENV_VAR] = to_inline(config)
+        env[ENV_VAR] = to_inline(config, adaptive)
         user_module = bool(args.module)
         head = [t for t in head if t not in ("-m", "--module")]
         tail = ["-m", "accelerate_compress._bootstrap", *(["--module"] if user_module else []), script, *script_args]
     else:
         tail = [script, *script_args]
-    return {"accelerate_args": head, "tail": tail, "env": env, "config": config, "stripped_config": stripped}
+    return {
+        "accelerate_args": head,
+        "tail": tail,
+        "env": env,
+        "config": config,
+        "adaptive": adaptive,
+        "stripped_config": stripped,
+    }
 
 
 def _launch(argv: list[str]) -> int:

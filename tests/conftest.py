@@ -10,3 +10,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Without a GPU, the Triton kernels are checked in Triton's interpreter on CPU tensors. The
+# interpreter must be chosen before any module imports triton (lightning does), hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

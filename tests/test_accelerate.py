@@ -21,7 +21,15 @@ import yaml
 from torch import nn
 
 from accelerate_compress import enable
-from accelerate_compress.flag import ENV_VAR, config_from_env, parse_setting, resolve, to_inline
+from accelerate_compress.flag import (
+    ENV_VAR,
+    adaptive_from_env,
+    adaptive_options,
+    config_from_env,
+    parse_setting,
+    resolve,
+    to_inline,
+)
 from accelerate_compress.launcher import plan
 from lightning_compress import CompressionConfig
 
@@ -146,7 +154,8 @@ def test_flag_forms_agree(tmp_path: Path) -> None:
     "text, match",
     [
         ("compressor=sgn", r"`compressor` must be one of .*'sign'.*got 'sgn'"),
-        ("adaptive=gravac", r"`adaptive` must be one of \('none',\); got 'gravac'.*planned"),
+        ("adaptive=fast", r"`adaptive` must be one of \('none', 'gravac'\); got 'fast'"),
+        ("adaptive=gravac,gravac_windw=5", r"unknown GraVAC parameter.*'windw'"),
         ("densty=0.1", r"unknown compression option 'densty'.*allowed"),
         ("missing/compression.yaml", r"does not exist"),
     ],
@@ -154,6 +163,49 @@ def test_flag_forms_agree(tmp_path: Path) -> None:
 def test_flag_rejects_bad_values(text: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         resolve(parse_setting(text))
+
+
+def test_gravac_flag_forms_agree(tmp_path: Path) -> None:
+    inline = "compressor=topk,feedback=ef,adaptive=gravac,gravac_window=20,gravac_scaling=geometric"
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump({"compression": {
+        "compressor": "topk", "feedback": "ef", "adaptive": "gravac", "gravac": {"window": 20, "scaling": "geometric"},
+    }}))  # fmt: skip
+    want = {"window": 20, "scaling": "geometric"}
+    for text in (inline, str(nested)):
+        assert adaptive_options(parse_setting(text)) == want
+        assert adaptive_from_env({ENV_VAR: text}) == want
+        assert resolve(parse_setting(text)) == CompressionConfig(compressor="topk", feedback="ef")
+    config = resolve(parse_setting(inline))
+    assert adaptive_options(parse_setting(to_inline(config, want))) == want  # what the launcher hands the workers
+    assert adaptive_options(parse_setting("compressor=topk,feedback=ef")) is None
+    with pytest.raises(ValueError, match=r"GraVAC parameters \['window'\] are set but `adaptive` is 'none'"):
+        adaptive_options(parse_setting("compressor=topk,gravac_window=20"))
+    p = plan(["--cpu", "--num_processes", "2", "--compressor", "topk", "--feedback", "ef", "--adaptive", "gravac",
+              "--gravac", "window=50,epsilon=0.5", "train.py"], environ={})  # fmt: skip
+    assert p["adaptive"] == {"window": 50, "epsilon": 0.5}
+    assert adaptive_from_env(p["env"]) == {"window": 50, "epsilon": 0.5}
+
+
+def test_gravac_under_the_launcher_decides_alike_and_resumes(tmp_path: Path, train_script: Path) -> None:
+    env = _env(ACCELERATE_COMPRESSION_STATS=str(tmp_path / "stats"))
+    gravac = ["--compressor", "topk", "--feedback", "ef", "--adaptive", "gravac",
+              "--gravac", "theta_min=2,theta_max=64,epsilon=0.3,window=4,scaling=geometric,omega=0"]  # fmt: skip
+    common = ["--cpu", "--num_processes", "2", *gravac]
+    ckpt = tmp_path / "ckpt"
+    first = ["--save-at", "8", "--save-dir", str(ckpt), "--out", str(tmp_path / "full")]
+    again = ["--resume-dir", str(ckpt), "--start", "8", "--out", str(tmp_path / "resumed")]
+    _run(_launcher(*common, "--main_process_port", str(free_port()), str(train_script), *first), env, tmp_path)
+    full_stats = _ranks(tmp_path / "stats")
+    _run(_launcher(*common, "--main_process_port", str(free_port()), str(train_script), *again), env, tmp_path)
+    resumed_stats = _ranks(tmp_path / "stats")
+    full, resumed = _ranks(tmp_path / "full"), _ranks(tmp_path / "resumed")
+    assert full[0]["sha"] == full[1]["sha"] == resumed[0]["sha"] == resumed[1]["sha"]
+    schedule = [{k: v for k, v in s["adaptive"].items() if k != "throughput"} for s in full_stats + resumed_stats]
+    assert all(s == schedule[0] for s in schedule), schedule  # both ranks, both runs: one schedule
+    assert schedule[0]["steps"] == 16 and max(schedule[0]["theta_s"], 1) > 1
+    blob = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
+    assert all(r["adaptive"]["steps"] == 8 for r in blob["ranks"])
 
 
 def test_plan_strips_section_and_options_override_file(tmp_path: Path) -> None:
@@ -235,7 +287,8 @@ def test_bad_flag_stops_launcher_before_any_worker(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "how, match",
     [
-        (["--adaptive", "gravac"], ["`adaptive`", "'gravac'", "('none',)"]),
+        (["--adaptive", "gravac"], ["adaptive=gravac needs compressor in", "compressor=sign"]),
+        (["--adaptive", "gravac", "--compressor", "topk", "--feedback", "ef", "--gravac", "epsilon=2"], ["epsilon"]),
         (["--density", "two"], ["--density", "'two'", "a number"]),
         ("yaml", ["`density`", "2.0", "(0, 1]"]),
         ("env", ["`bits`", "3", "(1, 2, 4, 8)"]),

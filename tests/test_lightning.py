@@ -420,20 +420,31 @@ def test_spawn_name_runs_and_checkpoints(tmp_path):
 
 
 def test_digits_compressed_accuracy_within_one_point_of_dense():
+    """Mean test accuracy over 3 seeds (data split, init, shuffling), compressed vs dense.
+
+    One run's accuracy moves by about a point with the seed (360 test images; dense alone spans
+    95.8-97.8% over seeds 0-3), so a single-seed comparison would test the seed, not the method.
+    """
     pytest.importorskip("sklearn")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     try:
         import lightning_digits as ex
     finally:
         sys.path.pop(0)
-    os.environ["MASTER_PORT"] = str(free_port())
-    dense = ex.train("ddp_fork", epochs=20)
+
+    def mean_accuracy(strategy_factory):
+        results = []
+        for seed in (0, 1, 2):
+            os.environ["MASTER_PORT"] = str(free_port())
+            results.append(ex.train(strategy_factory(), epochs=20, seed=seed))
+        return sum(r["accuracy"] for r in results) / len(results), results
+
+    dense, _ = mean_accuracy(lambda: "ddp_fork")
     for options in (dict(compressor="sign", feedback="doublesqueeze"),
                     dict(compressor="topk", density=0.01, feedback="ef")):  # fmt: skip
-        os.environ["MASTER_PORT"] = str(free_port())
-        result = ex.train(CompressedDDPStrategy(start_method="fork", **options), epochs=20)
-        assert abs(result["accuracy"] - dense["accuracy"]) <= 0.01, (options, result, dense)
-        assert result["ratio"] > 10.0, (options, result)
+        accuracy, results = mean_accuracy(lambda: CompressedDDPStrategy(start_method="fork", **options))
+        assert abs(accuracy - dense) <= 0.01, (options, accuracy, dense, results)
+        assert all(r["ratio"] > 10.0 for r in results), (options, results)
 
 
 # ----- Fabric -----------------------------------------------------------------------------------
