@@ -1,5 +1,15 @@
 """Hot-path tensor ops for gradient compression, on flat tensors.
 
+One op family per module, each with a pure-torch twin (``*_torch``) that defines its meaning,
+a C path for CPU tensors (:mod:`kernels.cpu`) and Triton kernels for CUDA tensors
+(``kernels.triton_*``); :mod:`kernels._dispatch` picks the path.
+
+* :mod:`kernels.bitpack`: bit packing of small codes.
+* :mod:`kernels.sign`: scaled sign with error feedback, decode-accumulate, two-pass server step.
+* :mod:`kernels.qsgd`: QSGD quantize + pack with counter-based stochastic rounding, decode-accumulate.
+* :mod:`kernels.topk`: exact top-k through a sampled threshold with the residual update, scatter-add.
+* :mod:`kernels.rng`: the counter-based uniform generator shared by all paths.
+
 Importable without a GPU and without any training framework.
 """
 

@@ -37,7 +37,8 @@ class CompressionConfig:
         block_size: elements per scale of ``sign``/``qsgd``/``terngrad``; larger compresses more.
         seed: base seed of every random choice (rand-k indices, stochastic rounding).
         diana_alpha: DIANA shift step size in (0, 1]; default ``1 / (omega + 1)``.
-        dgc_sample_fraction: fraction of entries ``dgc`` samples to estimate its threshold.
+        dgc_sample_fraction: fraction of entries ``dgc`` samples to estimate its threshold (``topk``
+            samples the same fraction, at least 4096 entries, to find its exact top-k faster).
 
     Raises:
         ValueError: an option has a value outside what is allowed, or options do not fit together.

@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import os
 
-_PRIOR_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by tests/conftest.py, before lightning imports triton
 
 import collections  # noqa: E402
-import importlib  # noqa: E402
-import pathlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 import triton.language  # noqa: E402
-
-try:  # the dispatcher imports kernels.cpu; stand in for it where it is absent
-    import kernels.cpu  # noqa: F401
-except ImportError:
-    sys.modules.setdefault(
-        "kernels.cpu", types.SimpleNamespace(available=lambda: False, build_error=lambda: "absent")
-    )
 
 from kernels import qsgd, sign, topk  # noqa: E402
 from kernels._blocks import num_blocks  # noqa: E402
@@ -47,46 +34,14 @@ def _interpreted(fn) -> bool:
 
 
 # The mode is fixed when a jit'd function is defined, and triton's own library functions
-# (tl.max, tl.cumsum, ...) are defined when triton is first imported. In a whole-suite run an
-# earlier test module has usually imported triton already (``import lightning`` does) before
-# TRITON_INTERPRET was set above; then, without CUDA, this file runs itself in a fresh
-# process (test_in_a_fresh_process) and its tests here are skipped.
-FRESH_PROCESS = _interpreted(triton.language.max) != _interpreted(triton_sign._sign_encode_kernel)
+# (tl.max, tl.cumsum, ...) when triton is first imported; tests/conftest.py sets
+# TRITON_INTERPRET=1 on machines without CUDA before anything imports triton.
 INTERPRET = _interpreted(triton.language.max)
-if FRESH_PROCESS:  # leave the kernels, and the environment, in the mode triton runs in here
-    if _PRIOR_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PRIOR_INTERPRET
-    triton_sign = importlib.reload(triton_sign)
-    triton_qsgd = importlib.reload(triton_qsgd)
-    triton_topk = importlib.reload(triton_topk)
-if not FRESH_PROCESS and not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("triton runs compiled kernels (TRITON_INTERPRET=0) and there is no CUDA device",
-                allow_module_level=True)
+if INTERPRET != _interpreted(triton_sign._sign_encode_kernel):
+    raise RuntimeError("triton was imported before TRITON_INTERPRET was set; run pytest from the repository root")
+if not INTERPRET and not torch.cuda.is_available():
+    raise RuntimeError("TRITON_INTERPRET=0 without a CUDA device: the Triton kernels cannot run here")
 DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _only_where_the_kernels_can_run(request):
-    if FRESH_PROCESS and request.function is not test_in_a_fresh_process:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run in a fresh process instead")
-
-
-def test_in_a_fresh_process():
-    """This file in a process where TRITON_INTERPRET=1 is set before triton is imported."""
-    if not FRESH_PROCESS:
-        pytest.skip("the tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("LIGHTNING_COMPRESS_KERNELS", None)
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pathlib.Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
 RTOL = 1e-5
