@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MASK32", "GOLDEN", "mix32", "stream_keys", "uniform"]
+__all__ = ["MASK32", "GOLDEN", "stream_keys", "uniform"]
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -29,18 +29,20 @@ def _mix32_int(h: int) -> int:
     return h
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    # (h * c) mod 2**32 for 0 <= h < 2**32, without leaving the int64 range.
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+def _signed(v: int) -> int:
+    """The int32 with the same 32 bits as ``0 <= v < 2**32``."""
+    return v - (1 << 32) if v >= (1 << 31) else v
 
 
-def mix32(h: torch.Tensor) -> torch.Tensor:
-    """``lowbias32`` on an int64 tensor holding values in ``[0, 2**32)``."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, _M1)
-    h = h ^ (h >> 15)
-    h = _mul32(h, _M2)
-    return h ^ (h >> 16)
+def _mix32_(h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    # lowbias32 in place on int32 bits: products wrap modulo 2**32 (two's complement), and the
+    # masks turn arithmetic right shifts into logical ones.
+    for shift, mask, mult in ((16, 0xFFFF, _M1), (15, 0x1FFFF, _M2), (16, 0xFFFF, None)):
+        torch.bitwise_right_shift(h, shift, out=scratch)
+        h.bitwise_xor_(scratch.bitwise_and_(mask))
+        if mult is not None:
+            h.mul_(_signed(mult))
+    return h
 
 
 def stream_keys(seed: int) -> tuple[int, int]:
@@ -54,7 +56,8 @@ def stream_keys(seed: int) -> tuple[int, int]:
 def uniform(seed: int, n: int, device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
     """Elements ``offset .. offset + n - 1`` of stream ``seed``, as fp32 in ``[0, 1)``."""
     k0, k1 = stream_keys(seed)
-    i = torch.arange(offset, offset + n, dtype=torch.int64, device=device) & MASK32
-    h = mix32((_mul32(i, GOLDEN) + k0) & MASK32)
-    h = mix32(h ^ k1)
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    h = (torch.arange(offset, offset + n, dtype=torch.int64, device=device) & MASK32).to(torch.int32)
+    scratch = torch.empty_like(h)
+    _mix32_(h.mul_(_signed(GOLDEN)).add_(_signed(k0)), scratch)
+    _mix32_(h.bitwise_xor_(_signed(k1)), scratch)
+    return h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))
