@@ -120,7 +120,7 @@ class AdaptiveRun:
                 return None
             aggregates = result.aggregates
             self.bucket_err = sum(float(torch.dot(r, r)) for r in residuals)
-            self.bucket_norm = sum(float(e.norm_sq) for e in encoded)
+            self.bucket_norm = sum(float(torch.dot(g, g)) for g in gs)
         for mem, res in zip(mems, residuals):
             if res is None:
                 mem["residual"].zero_()

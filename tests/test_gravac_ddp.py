@@ -44,6 +44,8 @@ def _decisions_worker(rank, world, compressor):
     for _ in range(40):
         losses.append(_step(ddp, opt, x, y))
         rows.append(_record(run))
+        # this rank's gain of what it sent: 1 after a dense step, else in [0, 1) (top-k keeps a part of g)
+        assert (state.stats.gain == 1.0) if run.last["cf"] == 1.0 else (0.0 <= state.stats.gain < 1.0)
     table = torch.tensor(rows, dtype=torch.float64)
     # Every decision and every combined number (gains, slowest iteration time) is the same on both ranks.
     assert_same_on_all_ranks([table], "GraVAC plans and observations")
