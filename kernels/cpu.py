@@ -49,6 +49,7 @@ _SIGNATURES = {
     "lc_qsgd_decode_add": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I],
     "lc_sign_server": [_P, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I],
     "lc_add": [_P, _P, _P, _I, _I],
+    "lc_all_finite": [_P, _I, _I],
     "lc_select": [_P, ctypes.c_float, _I, _I, _P, _P, _P],
 }
 
@@ -97,6 +98,7 @@ def _build() -> ctypes.CDLL:
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
+        lib.lc_all_finite.restype = ctypes.c_int64
         return lib
     raise RuntimeError("building the CPU kernels failed: " + " | ".join(errors))
 
@@ -259,3 +261,15 @@ def select_at_least(v, threshold):
     for s in sqs:  # fixed order: the same sum for the same ranges
         sq += s.value
     return idx, sq
+
+
+def all_finite(x):
+    lib = _library()
+    ranges = _ranges(x.numel(), x.numel())
+    results = [1] * len(ranges)
+
+    def check(j: int) -> None:
+        results[j] = lib.lc_all_finite(_ptr(x), *ranges[j])
+
+    _run(lambda lo, hi: [check(j) for j in range(lo, hi)], _ranges(len(ranges), x.numel()))
+    return all(results)

@@ -269,6 +269,19 @@ void lc_select(const float *v, float t, int64_t i0, int64_t i1, int64_t *idx, in
     float acc[LANES] = {0};
     int64_t c = 0, i = i0;
     if (idx) {
+#ifdef __AVX2__
+        /* Eight at a time; most groups hold no candidate and cost one compare. */
+        const __m256 tv = _mm256_set1_ps(t);
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        for (; i + 8 <= i1; i += 8) {
+            const __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + i), absmask);
+            unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, tv, _CMP_GE_OQ)); /* NaN: no */
+            while (m) {
+                idx[c++] = i + __builtin_ctz(m);
+                m &= m - 1;
+            }
+        }
+#endif
         for (; i < i1; ++i)
             if (fabsf(v[i]) >= t) idx[c++] = i;
     } else {
@@ -299,4 +312,19 @@ void lc_sign_server(const float *const *scales, const uint8_t *const *packed, in
         lc_sign_decode_add(scales, packed, R, err_out, n, block, b, b + 1);
         lc_sign_ef(err_out, 0, err_out, scales_out, sq_out, packed_out, n, block, b, b + 1);
     }
+}
+
+/* 1 if every element of x[i0, i1) is finite (exponent bits not all ones), else 0. */
+int64_t lc_all_finite(const float *x, int64_t i0, int64_t i1) {
+    const uint32_t *u = (const uint32_t *)x;
+    uint32_t bad = 0;
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+        uint32_t any = 0;
+        for (int j = 0; j < 16; ++j) any |= ((u[i + j] & 0x7F800000u) == 0x7F800000u);
+        bad |= any;
+        if (bad) return 0;
+    }
+    for (; i < i1; ++i) bad |= ((u[i] & 0x7F800000u) == 0x7F800000u);
+    return bad ? 0 : 1;
 }

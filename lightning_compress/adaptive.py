@@ -25,7 +25,7 @@ import torch
 
 from lightning_compress.compressors import Compressor
 from lightning_compress.gravac import GraVACController, Plan
-from lightning_compress.transport import Source, exchange
+from lightning_compress.transport import Source, all_finite, exchange
 
 __all__ = ["AdaptiveRun", "ADAPTIVE_COMPRESSORS", "qsgd_ladder", "attach_gravac"]
 
@@ -104,7 +104,7 @@ class AdaptiveRun:
         if plan.send_cf is None:
             flat = torch.cat(gs)
             state.collectives.allreduce_(flat)
-            if not bool(torch.isfinite(flat).all()):
+            if not all_finite(flat):
                 return None
             aggregates = list(torch.split(flat, [g.numel() for g in gs]))
             residuals = [None] * len(gs)

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.config import CompressionConfig
 from lightning_compress.state import CompressionState
-from lightning_compress.transport import Source, exchange, shard_size
+from lightning_compress.transport import Source, all_finite, exchange, shard_size
 
 __all__ = ["compression_hook", "register_compression"]
 
@@ -76,10 +76,10 @@ def _compressed_exchange(state, params, grads, chosen, buffer) -> None:
         mem = state.memory_for(name, x.numel(), x.device)
         xin, res = fb.compress_args(x, mem)
         error = state.scratch(name, "error", x.numel(), x.device) if fb.memory_keys else None
-        sources.append(Source(xin, res, error))
+        sources.append(Source(xin, res, error, aggregate_out=state.scratch(name, "agg", x.numel(), x.device)))
         mems.append(mem)
         vs.append(xin)
-    local_finite = bool(torch.isfinite(buffer).all())
+    local_finite = all_finite(buffer)
 
     kwargs: dict[str, Any] = {}
     seeds = [state.seed(n) if comp.shared_randomness else state.rank_seed(n) for n in names]
@@ -134,14 +134,18 @@ def _scaled_inputs(state, params, grads, chosen) -> tuple[list[str], list[torch.
     for i, name in zip(chosen, names):
         g = grads[i].detach().reshape(-1)
         # x = grad / world in a buffer kept between steps (no fresh allocation per step).
-        xs.append(state.scratch(name, "x", g.numel(), g.device).copy_(g).div_(state.world_size))
+        x = state.scratch(name, "x", g.numel(), g.device)
+        if g.dtype == torch.float32:
+            xs.append(torch.div(g, state.world_size, out=x))
+        else:  # low-precision gradient: widen first, then divide in fp32
+            xs.append(x.copy_(g).div_(state.world_size))
     return names, xs
 
 
 def _adaptive_exchange(state, params, grads, chosen, buffer) -> None:
     """GraVAC: the attached controller picks the compression factor (see ``adaptive``)."""
     names, xs = _scaled_inputs(state, params, grads, chosen)
-    aggregates = state.adaptive.exchange(state, names, xs, bool(torch.isfinite(buffer).all()))
+    aggregates = state.adaptive.exchange(state, names, xs, all_finite(buffer))
     if aggregates is None:
         state.adaptive.skip_step()
         _dense_allreduce(state, buffer)

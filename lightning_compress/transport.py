@@ -14,10 +14,11 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from kernels.finite import all_finite
 from lightning_compress.compressors import Compressor
 from lightning_compress.compressors.base import Encoded, bytes_as
 
-__all__ = ["Collectives", "Exchange", "Source", "exchange", "TRANSPORT_NAMES"]
+__all__ = ["Collectives", "Exchange", "Source", "all_finite", "exchange", "TRANSPORT_NAMES"]
 
 TRANSPORT_NAMES = ("allreduce", "allgather", "two_pass")
 
@@ -87,6 +88,7 @@ class Source:
     residual: torch.Tensor | None = None
     error_out: torch.Tensor | None = None
     encoded: Encoded | None = None  # already compressed (allreduce/allgather use it as is)
+    aggregate_out: torch.Tensor | None = None  # a buffer for the aggregate (allgather), reused between steps
 
     def numel(self) -> int:
         return self.x.numel()
@@ -156,7 +158,7 @@ def exchange_allgather(comm, compressor, sources, seeds, local_finite, **_) -> E
     aggregates = []
     for i, (src, seed) in enumerate(zip(sources, seeds)):
         parts = [bytes_as(parts_j[i], compressor.payload_dtype) for parts_j in per_rank]
-        agg = torch.zeros(src.numel(), dtype=torch.float32, device=src.x.device)
+        agg = src.aggregate_out.zero_() if src.aggregate_out is not None else torch.zeros_like(src.x)
         aggregates.append(compressor.decode_add_many_(parts, agg, [seed] * len(parts)))
     return Exchange(True, aggregates, **_totals(encoded))
 

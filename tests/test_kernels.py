@@ -352,3 +352,23 @@ def test_no_compiler_falls_back_to_twins(tmp_path) -> None:
     env.pop(ENV_VAR, None)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ----- finiteness check ------------------------------------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("n", (1, 15, 16, 17, 300_001))
+def test_all_finite_cpu_matches_twin(on_path, two_threads, n: int) -> None:
+    from kernels.finite import all_finite
+
+    on_path("cpu")
+    x = data(n, 21)
+    assert all_finite(x)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for where in {0, n // 2, n - 1}:
+            y = x.clone()
+            y[where] = bad
+            assert not all_finite(y), (bad, where)
+    y = x.clone()
+    y[-1] = 3.4e38  # the largest finite magnitudes are finite
+    assert all_finite(y) and all_finite(torch.tensor([1e-45, -0.0]))
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))  # other dtypes: the twin
