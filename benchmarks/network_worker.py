@@ -47,12 +47,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The repository root first: benchmarks/kernels.py (a benchmark) must not shadow the `kernels` package.
-sys.path[:0] = [str(ROOT)]
+# examples/digits_data.py brings the digits task without importing lightning_compress (and Lightning).
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from digits_data import accuracy as digits_accuracy  # noqa: E402
+from digits_data import digits  # noqa: E402
+from digits_data import make_mlp as digits_mlp  # noqa: E402
 
 GRAVAC_PREFIX = "gravac:"
 POWERSGD_PREFIX = "powersgd_r"
@@ -308,45 +313,12 @@ def step_mode(args, cfg: str, rank: int, world: int) -> dict:
 
 
 # ----- digits mode ----------------------------------------------------------------------------------------
-# The data split, model and accuracy of examples/ddp_digits.py, copied rather than imported: importing
-# that example imports lightning_compress, whose package __init__ imports Lightning (about 4 s per
-# process), which the runs of PyTorch's own hooks would otherwise pay too.
-def digits_data(seed: int):
-    """Stratified 80/20 train/test split of scikit-learn's digits, pixels scaled to [0, 1] (as ddp_digits.digits)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from torch.utils.data import TensorDataset
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, random_state=seed, stratify=y)
-
-    def as_dataset(a, b) -> TensorDataset:
-        return TensorDataset(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.long))
-
-    return as_dataset(x_tr, y_tr), as_dataset(x_te, y_te)
-
-
-def digits_model(hidden: int, seed: int) -> nn.Module:
-    """64 -> hidden -> hidden -> 10 MLP (as ddp_digits.make_model)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-
-@torch.no_grad()
-def digits_accuracy(model: nn.Module, data) -> float:
-    model.eval()
-    x, y = data.tensors
-    acc = (model(x).argmax(dim=1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def digits_mode(args, cfg: str, rank: int, world: int) -> dict:
     """Train ``examples/ddp_digits.py``'s MLP on its data split with this exchange; final test accuracy."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    train_set, test_set = digits_data(args.seed)
-    model = digits_model(args.digits_hidden, args.seed)
+    train_set, test_set = digits(args.seed)
+    model = digits_mlp(args.digits_hidden, args.seed)
     ddp = DistributedDataParallel(model)
     kind, state, run = install(ddp, cfg, args.gravac, float(world * args.digits_batch))
     if kind == "torch":

@@ -26,25 +26,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-
-def digits(seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """Stratified 80/20 train/test split of scikit-learn's digits, pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, random_state=seed, stratify=y)
-
-    def as_dataset(a, b) -> TensorDataset:
-        return TensorDataset(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.long))
-
-    return as_dataset(x_tr, y_tr), as_dataset(x_te, y_te)
-
-
-def make_model(hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+from digits_data import digits, make_mlp
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +49,7 @@ def main() -> None:
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
     set_seed(args.seed)
     train_set, test_set = digits(args.seed)
-    model = make_model(args.hidden)
+    model = make_mlp(args.hidden)  # set_seed above fixed the initial weights
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
     # Sized for one process, as Accelerate expects: the prepared scheduler steps once per process per step.

@@ -33,8 +33,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
+from digits_data import accuracy, digits, make_mlp
 from lightning_compress import CompressionConfig, register_compression
 
 DENSE = "dense"
@@ -61,40 +62,9 @@ class Result:
 
 
 # ----- data and model ------------------------------------------------------------------------------
-def digits(seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """Stratified 80/20 train/test split of scikit-learn's digits, pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, random_state=seed, stratify=y)
-
-    def as_dataset(a, b) -> TensorDataset:
-        return TensorDataset(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.long))
-
-    return as_dataset(x_tr, y_tr), as_dataset(x_te, y_te)
-
-
-def make_model(hidden: int, seed: int) -> nn.Module:
-    """MLP whose weight matrices (64x256, 256x256, 256x10) are large enough to be compressed."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
-    )
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: TensorDataset) -> float:
-    model.eval()
-    x, y = data.tensors
-    acc = (model(x).argmax(dim=1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 # ----- one run (inside every rank) ------------------------------------------------------------------
 def train_one(label: str, args: argparse.Namespace, rank: int, world: int, train_set, test_set) -> Result:
-    model = make_model(args.hidden, args.seed)  # the same initial weights for every run
+    model = make_mlp(args.hidden, args.seed)  # the same initial weights for every run
     ddp = DistributedDataParallel(model)
     state = None if label == DENSE else register_compression(ddp, CompressionConfig.from_string(label))
 

@@ -35,16 +35,7 @@ import lightning_compress  # noqa: F401  (registers the compressed_ddp* strategy
 from lightning_compress.callbacks import GraVAC
 from lightning_compress.strategy import CompressedDDPStrategy, build_config
 
-
-def digits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    """Train/test split (80/20, stratified) of scikit-learn's digits, pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, random_state=seed, stratify=y)
-    as_ds = lambda a, b: TensorDataset(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.long))
-    return as_ds(x_tr, y_tr), as_ds(x_te, y_te)
+from digits_data import digits
 
 
 class DigitsClassifier(pl.LightningModule):
