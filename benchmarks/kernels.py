@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import cpu_model  # noqa: E402
 from kernels import _dispatch, cpu, qsgd, sign, topk  # noqa: E402
 
 SIZES = {"1M": 1 << 20, "25M": 25 * (1 << 20), "100M": 100 * (1 << 20)}
@@ -87,14 +88,7 @@ def ops(n: int, device: str):
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.system()} (torch {torch.__version__})"
 
 

@@ -65,6 +65,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The repository root first: this folder's kernels.py (a benchmark) must not shadow the `kernels` package.
 sys.path[:0] = [str(ROOT)]
 WORKER = ROOT / "benchmarks" / "network_worker.py"
+
+from _machine import cpu_model  # noqa: E402  (this folder, on sys.path when run as a script)
+
 RESULTS = ROOT / "benchmarks" / "results"
 PREFIX = "lcbench_"
 
@@ -470,14 +473,7 @@ def is_ours(cfg: str) -> bool:
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model() or "unknown"
     from importlib.metadata import version  # (importing torch here would cost seconds)
 
     return {
