@@ -248,13 +248,13 @@ def select_at_least(v, threshold):
     for c in counts:
         offsets.append(offsets[-1] + c.value)
     idx = torch.empty(offsets[-1], dtype=torch.int64)
-    scratch = ctypes.c_int64()
 
     def compact(j: int) -> None:
         lo, hi = ranges[j]
         if counts[j].value == 0:  # nothing to write (and an empty tensor may have a null pointer)
             return
-        lib.lc_select(_ptr(v), threshold, lo, hi, idx.data_ptr() + 8 * offsets[j], ctypes.byref(scratch), None)
+        # Counts the same entries again into this range's own counter (no sum of squares).
+        lib.lc_select(_ptr(v), threshold, lo, hi, idx.data_ptr() + 8 * offsets[j], ctypes.byref(counts[j]), None)
 
     _run(lambda lo, hi: [compact(j) for j in range(lo, hi)], _ranges(len(ranges), n))
     sq = torch.tensor(0.0)

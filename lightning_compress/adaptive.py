@@ -25,7 +25,8 @@ import torch
 
 from lightning_compress.compressors import Compressor
 from lightning_compress.gravac import GraVACController, Plan
-from lightning_compress.transport import Source, all_finite, exchange
+from kernels.finite import all_finite
+from lightning_compress.transport import Source, exchange
 
 __all__ = ["AdaptiveRun", "ADAPTIVE_COMPRESSORS", "qsgd_ladder", "attach_gravac"]
 
@@ -108,10 +109,10 @@ class AdaptiveRun:
                 return None
             aggregates = list(torch.split(flat, [g.numel() for g in gs]))
             residuals = [None] * len(gs)
-            self._observe_levels(state, names, gs, plan, send=False)
-            self.bucket_err, self.bucket_norm = 0.0, sum(float(torch.dot(g, g)) for g in gs)
+            _, _, (_, _, norm) = self._observe_levels(state, names, gs, plan, send=False)
+            self.bucket_err, self.bucket_norm = 0.0, norm
         else:
-            encoded, residuals = self._observe_levels(state, names, gs, plan, send=True)
+            encoded, residuals, (err_min, err_cand, norm) = self._observe_levels(state, names, gs, plan, send=True)
             comp = self.compressor(plan.send_cf)
             seeds = [self._seed(state, n, plan.send_cf == plan.candidate_cf) for n in names]
             sources = [Source(g, encoded=enc) for g, enc in zip(gs, encoded)]
@@ -119,8 +120,8 @@ class AdaptiveRun:
             if not result.finite:
                 return None
             aggregates = result.aggregates
-            self.bucket_err = sum(float(torch.dot(r, r)) for r in residuals)
-            self.bucket_norm = sum(float(torch.dot(g, g)) for g in gs)
+            self.bucket_err = err_cand if plan.send_cf == plan.candidate_cf else err_min
+            self.bucket_norm = norm
         for mem, res in zip(mems, residuals):
             if res is None:
                 mem["residual"].zero_()
@@ -134,8 +135,11 @@ class AdaptiveRun:
         return pick(name, 1 if candidate else 0)
 
     def _observe_levels(self, state, names, gs, plan: Plan, send: bool):
+        """Compress at both levels; the payloads and residuals to send, and this bucket's
+        ``(err_min, err_candidate, ||g||^2)``, which also go into the step's totals."""
         cmin, ccand = self.compressor(plan.min_cf), self.compressor(plan.candidate_cf)
         encoded, residuals = [], []
+        err_min_sum = err_cand_sum = norm_sum = 0.0
         for name, g in zip(names, gs):
             err_min = state.scratch(name, "err_min", g.numel(), g.device)
             enc_min = cmin.compress(g, seed=self._seed(state, name, False), residual_out=err_min)
@@ -143,9 +147,9 @@ class AdaptiveRun:
             err_c = state.scratch(name, "err_c", g.numel(), g.device)
             enc_c = ccand.compress(d_min, seed=self._seed(state, name, True), residual_out=err_c)
             total_c = err_c.add_(err_min)  # g - C(g_min) = (g - g_min) + (g_min - C(g_min))
-            self._norm += float(enc_min.norm_sq)
-            self._err_min += float(enc_min.err_sq)
-            self._err_cand += float(torch.dot(total_c, total_c))
+            norm_sum += float(enc_min.norm_sq)
+            err_min_sum += float(enc_min.err_sq)
+            err_cand_sum += float(torch.dot(total_c, total_c))
             if send:
                 if plan.send_cf == plan.candidate_cf:
                     encoded.append(enc_c)
@@ -153,8 +157,11 @@ class AdaptiveRun:
                 else:
                     encoded.append(enc_min)
                     residuals.append(err_min)
+        self._norm += norm_sum
+        self._err_min += err_min_sum
+        self._err_cand += err_cand_sum
         self._used = True
-        return encoded, residuals
+        return encoded, residuals, (err_min_sum, err_cand_sum, norm_sum)
 
     # ----- end of step ----------------------------------------------------------------------
     def finish_step(self, state) -> None:

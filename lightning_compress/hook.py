@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from kernels.finite import all_finite
 from lightning_compress.config import CompressionConfig
 from lightning_compress.state import CompressionState
-from lightning_compress.transport import Source, all_finite, exchange, shard_size
+from lightning_compress.transport import Source, exchange, shard_size
 
 __all__ = ["compression_hook", "register_compression"]
 

@@ -14,11 +14,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from kernels.finite import all_finite
 from lightning_compress.compressors import Compressor
 from lightning_compress.compressors.base import Encoded, bytes_as
 
-__all__ = ["Collectives", "Exchange", "Source", "all_finite", "exchange", "TRANSPORT_NAMES"]
+__all__ = ["Collectives", "Exchange", "Source", "exchange", "TRANSPORT_NAMES"]
 
 TRANSPORT_NAMES = ("allreduce", "allgather", "two_pass")
 
