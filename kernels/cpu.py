@@ -1,9 +1,14 @@
 """The CPU path: the C functions of ``cpu_ops.c``, built on first use and called via ctypes.
 
-The library is compiled once per machine with the system C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``) into ``$LIGHTNING_COMPRESS_CACHE`` (default
-``~/.cache/lightning_compress``), keyed by a hash of the source and the flags. If no
-compiler works, :func:`available` is False and the ops use their torch twins.
+The library is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``) for the native CPU and cached in ``$LIGHTNING_COMPRESS_CACHE`` (default
+``~/.cache/lightning_compress``) under a key of the source, the flags, the compiler version
+and the CPU target, so nodes that share a home directory never load each other's builds.
+A cached file is loaded only after its owner, mode, size and sha256 are checked, and
+processes that start together build it once (see :mod:`kernels._build`). :func:`prepare`
+builds it ahead of the first step. If it cannot be built or loaded, :func:`available` is
+False, :func:`build_error` says why, one ``RuntimeWarning`` says how to fix or silence it,
+and the ops use their torch twins.
 
 Large tensors are cut into one range per torch intra-op thread; ctypes releases the GIL,
 so the ranges run in parallel. The wrappers here take already-checked arguments (see the
@@ -13,123 +18,103 @@ public ops in :mod:`kernels.sign`, :mod:`kernels.qsgd`, :mod:`kernels.topk`).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from kernels import _build
 from kernels._blocks import num_blocks
+from kernels._dispatch import ENV_VAR
 from kernels.rng import stream_keys
 
-__all__ = ["available", "build_error", "library_path"]
+__all__ = ["available", "build_error", "library_path", "prepare"]
 
 _SOURCE = Path(__file__).with_name("cpu_ops.c")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
 _NATIVE = ["-march=native"]
 _PARALLEL_MIN = 1 << 18  # elements below which one thread does the whole tensor
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+_F = ctypes.c_float
 _SIGNATURES = {
-    "lc_sign_ef": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I],
-    "lc_sign_decode_add": [_P, _P, _I, _P, _I, _I, _I, _I],
+    "lc_sign_ef": [_P, _P, _P, _P, _P, _P, _I, _I, _F, _I, _I],
+    "lc_sign_decode_add": [_P, _P, _I, _P, _I, _I, _I, _I, _I],
     "lc_qsgd_encode": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_uint32, ctypes.c_uint32, _I, _I],
     "lc_qsgd_decode_add": [_P, _P, _P, _I, _P, _I, _I, _I, _I, _I],
     "lc_sign_server": [_P, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I],
     "lc_add": [_P, _P, _P, _I, _I],
     "lc_all_finite": [_P, _I, _I],
-    "lc_select": [_P, ctypes.c_float, _I, _I, _P, _P, _P],
+    "lc_select": [_P, _F, _I, _I, _P, _P, _P],
+    # multi-tensor ops: one call per bucket
+    "lc_sign_ef_multi": [_P, _I, _F, _P, _P, _I, _I],
+    "lc_sign_decode_multi": [_P, _I, _P, _I, _I, _I, _I],
+    "lc_topk_threshold": [_P, _F, _I, _I],
+    "lc_topk_pass": [_P, _P, _F, _I, _I],
+    "lc_topk_finish": [_P, _P, _I, _I, _I],
+    "lc_sparse_decode_multi": [_P, _P, _I, _I, _I, _I],
 }
 
-
-def _cache_dir() -> Path:
-    root = os.environ.get("LIGHTNING_COMPRESS_CACHE")
-    path = Path(root) if root else Path.home() / ".cache" / "lightning_compress"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
-    path = Path(tempfile.gettempdir()) / f"lightning_compress-{os.getuid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set $CC)")
-    source = _SOURCE.read_bytes()
-    errors = []
-    for extra in (_NATIVE, []):
-        flags = _FLAGS + extra
-        key = hashlib.sha1(source + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"cpu_ops-{key}.so"
-        if not target.exists():
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            proc = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                os.unlink(tmp)
-                errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-400:]}")
-                continue
-            os.replace(tmp, target)  # atomic: concurrent builders (ranks) never see half a file
-        lib = ctypes.CDLL(str(target))
-        for name, args in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, None
-        lib.lc_all_finite.restype = ctypes.c_int64
-        return lib
-    raise RuntimeError("building the CPU kernels failed: " + " | ".join(errors))
+_LIBRARY = _build.CLibrary(
+    "cpu_ops",
+    _SOURCE,
+    _FLAGS,
+    variants=(_NATIVE, []),  # this CPU's instructions; else the compiler's default target
+    signatures=_SIGNATURES,
+    restypes={"lc_all_finite": ctypes.c_int64, "lc_sparse_decode_multi": ctypes.c_int64},
+    libraries=["-lm"],
+    hint=(
+        "CPU tensors use the torch twins of the ops, which are tens of times slower. Set CC to a working "
+        f"C compiler to use the C path, or set {ENV_VAR}=torch to use the twins without this warning."
+    ),
+)
 
 
 def _library() -> ctypes.CDLL | None:
-    global _lib, _error
-    if _lib is None and _error is None:
-        with _lock:
-            if _lib is None and _error is None:
-                try:
-                    _lib = _build()
-                except Exception as exc:  # no compiler, read-only disk, odd platform: use the twins
-                    _error = f"{type(exc).__name__}: {exc}"
-    return _lib
+    return _LIBRARY.get()
 
 
 def available() -> bool:
-    """The CPU library is built (building it now if needed)."""
+    """The CPU library is loaded (building it now if needed)."""
     return _library() is not None
 
 
 def build_error() -> str | None:
-    """Why the library could not be built, if it could not."""
+    """Why the library could not be built or loaded, if it could not."""
     _library()
-    return _error
+    return _LIBRARY.error
 
 
 def library_path() -> str | None:
     """File of the loaded library."""
-    lib = _library()
-    return lib._name if lib is not None else None
+    _library()
+    return _LIBRARY.path
+
+
+def prepare() -> bool:
+    """Build (or load) the CPU library now, so that the first compressed step does not wait for the compiler.
+
+    Call it where compression is set up, on every rank: the first build takes seconds and
+    happens once per machine, CPU and compiler; later starts check and load the cached file.
+    Ranks that call it at once build once, the others wait for that build. Nothing is built
+    when ``LIGHTNING_COMPRESS_KERNELS`` is ``torch`` or ``triton``, since the ops then do not
+    use the library.
+
+    Returns:
+        True if ops on CPU tensors run in the C library; False if they use the torch twins
+        (:func:`build_error` then says why, and a ``RuntimeWarning`` was issued once).
+
+    Example:
+        >>> isinstance(prepare(), bool)
+        True
+    """
+    if os.environ.get(ENV_VAR, "auto").strip().lower() in ("torch", "triton"):
+        return False
+    return available()
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
@@ -170,23 +155,24 @@ def _contig(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 # ----- ops -------------------------------------------------------------------------------
-def sign_ef(x, residual, block, residual_out):
+def sign_ef(x, residual, block, residual_out, scale=1.0):
     n = x.numel()
     nb = num_blocks(n, block)
     scales, sq = torch.empty(nb), torch.empty(nb)
     packed = torch.empty(-(-n // 8), dtype=torch.uint8)
-    lib = _library()
-    args = (_ptr(x), _ptr(residual), _ptr(residual_out), _ptr(scales), _ptr(sq), _ptr(packed), n, block)
-    _run(lambda lo, hi: lib.lc_sign_ef(*args, lo, hi), _ranges(nb, n))
+    fn = _library().lc_sign_ef
+    args = (_ptr(x), _ptr(residual), _ptr(residual_out), _ptr(scales), _ptr(sq), _ptr(packed), n, block, scale)
+    _run(lambda lo, hi: fn(*args, lo, hi), _ranges(nb, n))
     return scales, packed, sq
 
 
-def sign_decode_add(scales, packed, out, block):
+def sign_decode_add(scales, packed, out, block, assign=False):
     n = out.numel()
     scales, packed = _contig(scales), _contig(packed)
     ps, pp = _ptrs(scales), _ptrs(packed)
-    lib = _library()
-    _run(lambda lo, hi: lib.lc_sign_decode_add(ps, pp, len(scales), _ptr(out), n, block, lo, hi), _ranges(num_blocks(n, block), n))
+    fn = _library().lc_sign_decode_add
+    r, a = len(scales), int(assign)
+    _run(lambda lo, hi: fn(ps, pp, r, _ptr(out), n, block, a, lo, hi), _ranges(num_blocks(n, block), n))
     return out
 
 
@@ -273,3 +259,131 @@ def all_finite(x):
 
     _run(lambda lo, hi: [check(j) for j in range(lo, hi)], _ranges(len(ranges), x.numel()))
     return all(results)
+
+
+# ----- multi-tensor ops -------------------------------------------------------------------
+class _SignSeg(ctypes.Structure):
+    _fields_ = [("x", _P), ("e", _P), ("r", _P), ("payload", _P), ("n", _I), ("block", _I), ("first_block", _I)]
+
+
+class _SignDSeg(ctypes.Structure):
+    _fields_ = [("out", _P), ("n", _I), ("block", _I), ("first_block", _I), ("offset", _I)]
+
+
+class _TopKJob(ctypes.Structure):
+    _fields_ = [
+        ("x", _P), ("e", _P), ("r", _P), ("n", _I), ("k", _I), ("sample_size", _I), ("sample_rank", _I),
+        ("k0", ctypes.c_uint32), ("k1", ctypes.c_uint32), ("values", _P), ("idx", _P),
+        ("threshold", ctypes.c_float), ("sq", ctypes.c_float), ("kept_sq", ctypes.c_float), ("status", _I),
+    ]  # fmt: skip
+
+
+class _TopKChunk(ctypes.Structure):
+    _fields_ = [
+        ("job", _I), ("i0", _I), ("i1", _I), ("cand", _P), ("cval", _P), ("cap", _I), ("count", _I), ("sq", _F),
+    ]  # fmt: skip
+
+
+class _SparseDSeg(ctypes.Structure):
+    _fields_ = [("out", _P), ("n", _I), ("k", _I), ("offset", _I)]
+
+
+def _split_even(count: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-count // max(parts, 1))
+    return [(lo, min(lo + step, count)) for lo in range(0, count, step)] or [(0, 0)]
+
+
+def _workers(numel: int) -> int:
+    return 1 if numel < _PARALLEL_MIN else max(1, torch.get_num_threads())
+
+
+def sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale):
+    """Encode every tensor into ``wire`` at its offset; returns per-block ``(sq, err)`` (fp32)."""
+    T = len(xs)
+    segs = (_SignSeg * T)()
+    first, base, total = 0, wire.data_ptr(), 0
+    for t, (x, e, r, off, block) in enumerate(zip(xs, residuals, residuals_out, offsets, blocks)):
+        n = x.numel()
+        segs[t] = _SignSeg(x.data_ptr(), _ptr(e), _ptr(r), base + off, n, block, first)
+        first += num_blocks(n, block)
+        total += n
+    sq, err = torch.empty(first), torch.empty(first)
+    fn = _library().lc_sign_ef_multi
+    args = (segs, T, scale, sq.data_ptr(), err.data_ptr())
+    _run(lambda lo, hi: fn(*args, lo, hi), _split_even(first, _workers(total)))
+    return sq, err
+
+
+def sign_decode_multi(wires, offsets, outs, blocks, assign):
+    """``outs[t] (+)= sum_r decode(wires[r][offsets[t]:])`` for every tensor."""
+    T = len(outs)
+    segs = (_SignDSeg * T)()
+    first, total = 0, 0
+    for t, (out, off, block) in enumerate(zip(outs, offsets, blocks)):
+        n = out.numel()
+        segs[t] = _SignDSeg(out.data_ptr(), n, block, first, off)
+        first += num_blocks(n, block)
+        total += n
+    bases = _ptrs(wires)
+    fn = _library().lc_sign_decode_multi
+    args = (segs, T, bases, len(wires), int(assign))
+    _run(lambda lo, hi: fn(*args, lo, hi), _split_even(first, _workers(total)))
+    return outs
+
+
+def topk_ef_multi(xs, residuals, residuals_out, ks, wire, offsets, scale, samples):
+    """The exact top-k of every ``v = scale * x + residual`` into ``wire`` (see kernels.topk).
+
+    ``samples[t]`` is ``(sample_size, sample_rank, k0, k1)``, or ``None`` to take every entry as
+    a candidate. Returns ``(sq, kept_sq, status)`` per tensor; status 1 means too few
+    candidates passed (the caller takes the exact path; ``residuals_out`` then holds ``v``).
+    """
+    T = len(xs)
+    jobs = (_TopKJob * T)()
+    base = wire.data_ptr()
+    workers = _workers(sum(x.numel() for x in xs))
+    chunk_specs, caps = [], []
+    for t, (x, e, r, k, off, sample) in enumerate(zip(xs, residuals, residuals_out, ks, offsets, samples)):
+        n = x.numel()
+        size, rank, k0, k1 = sample if sample is not None else (0, 0, 0, 0)
+        jobs[t] = _TopKJob(x.data_ptr(), _ptr(e), _ptr(r), n, k, size, rank, k0, k1, base + off, base + off + 4 * k)
+        pieces = max(1, min(workers, n // _PARALLEL_MIN))
+        for lo, hi in _split_even(n, pieces):
+            share = -(-k * (hi - lo) // max(n, 1))
+            # Room for the candidates a threshold a few deviations above the k-th lets through;
+            # with no sample every entry is one.
+            cap = (hi - lo) if sample is None else min(hi - lo, 2 * share + 4096)
+            chunk_specs.append((t, lo, hi))
+            caps.append(cap)
+    cand = torch.empty(sum(caps), dtype=torch.int64)
+    cval = torch.empty(sum(caps), dtype=torch.float32)
+    chunks = (_TopKChunk * len(chunk_specs))()
+    at = 0
+    for c, ((t, lo, hi), cap) in enumerate(zip(chunk_specs, caps)):
+        chunks[c] = _TopKChunk(t, lo, hi, cand.data_ptr() + 8 * at, cval.data_ptr() + 4 * at, cap, 0, 0.0)
+        at += cap
+    lib = _library()
+    threshold, pass_, finish = lib.lc_topk_threshold, lib.lc_topk_pass, lib.lc_topk_finish
+    by_job = _split_even(T, min(workers, T))
+    _run(lambda lo, hi: threshold(jobs, scale, lo, hi), by_job)
+    _run(lambda lo, hi: pass_(jobs, chunks, scale, lo, hi), _split_even(len(chunks), min(workers, len(chunks))))
+    _run(lambda lo, hi: finish(jobs, chunks, len(chunks), lo, hi), by_job)
+    return [(j.sq, j.kept_sq, j.status) for j in jobs]
+
+
+def sparse_decode_multi(wires, offsets, ks, outs, assign):
+    """``outs[t] (+)= sum_r scatter(wires[r][offsets[t]:])``; k values then k int32 indices."""
+    T = len(outs)
+    segs = (_SparseDSeg * T)(*(_SparseDSeg(o.data_ptr(), o.numel(), k, off) for o, k, off in zip(outs, ks, offsets)))
+    bases = _ptrs(wires)
+    fn = _library().lc_sparse_decode_multi
+    ranges = _split_even(T, min(_workers(sum(o.numel() for o in outs)), T))
+    bad = [0] * len(ranges)
+
+    def run(j: int) -> None:
+        bad[j] = fn(segs, bases, len(wires), int(assign), *ranges[j])
+
+    _run(lambda lo, hi: [run(j) for j in range(lo, hi)], [(j, j + 1) for j in range(len(ranges))])
+    if sum(bad):
+        raise RuntimeError(f"{sum(bad)} sparse payload indices lie outside their tensor: the payload is corrupt")
+    return outs

@@ -9,6 +9,7 @@
  * use 16 interleaved partial sums (vectorizable), so they differ from torch's in
  * rounding only.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #ifdef __AVX2__
@@ -16,6 +17,8 @@
 #endif
 
 #define LANES 16
+/* x times the caller's scale; a scale of 1 leaves x as it is (so -0.0 stays -0.0). */
+#define SCALED(a) (scaled ? (a) * xscale : (a))
 
 static float tree16(const float *a) {
     float b[8];
@@ -39,10 +42,12 @@ static inline float uniform_at(uint64_t i, uint32_t k0, uint32_t k1) {
     return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
 
-/* v = x + e (e may be NULL); per block: scale = sum|v| / len, sq = sum v^2; bit = v >= 0;
+/* v = xscale * x + e (e may be NULL; xscale == 1 reads x as it is); per block:
+ * scale = sum|v| / len, sq = sum v^2; bit = v >= 0;
  * r (may be NULL, may alias x or e) = v - (bit ? scale : -scale). */
 void lc_sign_ef(const float *x, const float *e, float *r, float *scales, float *sq, uint8_t *packed,
-                int64_t n, int64_t block, int64_t b0, int64_t b1) {
+                int64_t n, int64_t block, float xscale, int64_t b0, int64_t b1) {
+    const int scaled = xscale != 1.0f;
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * block;
         const int64_t len = (n - start < block) ? n - start : block;
@@ -56,8 +61,13 @@ void lc_sign_ef(const float *x, const float *e, float *r, float *scales, float *
             const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             __m256 q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
+            const __m256 xs = _mm256_set1_ps(xscale);
             for (; i + LANES <= len; i += LANES) {
                 __m256 v0 = _mm256_loadu_ps(xb + i), v1 = _mm256_loadu_ps(xb + i + 8);
+                if (scaled) {
+                    v0 = _mm256_mul_ps(v0, xs);
+                    v1 = _mm256_mul_ps(v1, xs);
+                }
                 if (eb) {
                     v0 = _mm256_add_ps(v0, _mm256_loadu_ps(eb + i));
                     v1 = _mm256_add_ps(v1, _mm256_loadu_ps(eb + i + 8));
@@ -76,20 +86,20 @@ void lc_sign_ef(const float *x, const float *e, float *r, float *scales, float *
         if (eb) {
             for (; i + LANES <= len; i += LANES)
                 for (int j = 0; j < LANES; ++j) {
-                    float v = xb[i + j] + eb[i + j];
+                    float v = SCALED(xb[i + j]) + eb[i + j];
                     acc[j] += fabsf(v);
                     acc2[j] += v * v;
                 }
         } else {
             for (; i + LANES <= len; i += LANES)
                 for (int j = 0; j < LANES; ++j) {
-                    float v = xb[i + j];
+                    float v = SCALED(xb[i + j]);
                     acc[j] += fabsf(v);
                     acc2[j] += v * v;
                 }
         }
         for (int j = 0; i < len; ++i, ++j) {
-            float v = eb ? xb[i] + eb[i] : xb[i];
+            float v = eb ? SCALED(xb[i]) + eb[i] : SCALED(xb[i]);
             acc[j] += fabsf(v);
             acc2[j] += v * v;
         }
@@ -101,8 +111,10 @@ void lc_sign_ef(const float *x, const float *e, float *r, float *scales, float *
         int64_t g = 0;
 #ifdef __AVX2__
         const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s), zero = _mm256_setzero_ps();
+        const __m256 xs8 = _mm256_set1_ps(xscale);
         for (; g + 8 <= len; g += 8) {
             __m256 v = _mm256_loadu_ps(xb + g);
+            if (scaled) v = _mm256_mul_ps(v, xs8);
             if (eb) v = _mm256_add_ps(v, _mm256_loadu_ps(eb + g));
             const __m256 ge = _mm256_cmp_ps(v, zero, _CMP_GE_OQ); /* NaN: false */
             pb[g / 8] = (uint8_t)_mm256_movemask_ps(ge);
@@ -113,7 +125,7 @@ void lc_sign_ef(const float *x, const float *e, float *r, float *scales, float *
             const int64_t m = (len - g < 8) ? len - g : 8;
             unsigned byte = 0;
             for (int64_t j = 0; j < m; ++j) {
-                float v = eb ? xb[g + j] + eb[g + j] : xb[g + j];
+                float v = eb ? SCALED(xb[g + j]) + eb[g + j] : SCALED(xb[g + j]);
                 unsigned bit = v >= 0.0f;
                 byte |= bit << j;
                 if (rb) rb[g + j] = v - (bit ? s : -s);
@@ -123,31 +135,37 @@ void lc_sign_ef(const float *x, const float *e, float *r, float *scales, float *
     }
 }
 
-/* out += sum_r (bit ? scale_r : -scale_r), payloads added one after the other. */
+/* One block of a sign decode: ob[i] (+)= bit ? s : -s. With assign, the first payload is
+ * written as 0 + value (the sum a zeroed buffer would hold, bit for bit) instead of added. */
+static void sign_decode_block(float *ob, int64_t len, float s, const uint8_t *pb, int assign) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s), zero = _mm256_setzero_ps();
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (; i + 8 <= len; i += 8) {
+        const __m256i byte = _mm256_set1_epi32(pb[i >> 3]);
+        const __m256 set = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit));
+        const __m256 base = assign ? zero : _mm256_loadu_ps(ob + i);
+        _mm256_storeu_ps(ob + i, _mm256_add_ps(base, _mm256_blendv_ps(neg, pos, set)));
+    }
+#endif
+    for (; i < len; ++i) {
+        unsigned bit = (pb[i >> 3] >> (i & 7)) & 1u;
+        ob[i] = (assign ? 0.0f : ob[i]) + (bit ? s : -s);
+    }
+}
+
+/* out (+)= sum_r (bit ? scale_r : -scale_r), payloads added one after the other; with
+ * assign, out's old contents are ignored (as if it were zero). */
 void lc_sign_decode_add(const float *const *scales, const uint8_t *const *packed, int64_t R, float *out,
-                        int64_t n, int64_t block, int64_t b0, int64_t b1) {
+                        int64_t n, int64_t block, int64_t assign, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * block;
         const int64_t len = (n - start < block) ? n - start : block;
-        float *ob = out + start;
-        for (int64_t r = 0; r < R; ++r) {
-            const float s = scales[r][b];
-            const uint8_t *pb = packed[r] + start / 8;
-            int64_t i = 0;
-#ifdef __AVX2__
-            const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
-            const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-            for (; i + 8 <= len; i += 8) {
-                const __m256i byte = _mm256_set1_epi32(pb[i >> 3]);
-                const __m256 set = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit));
-                _mm256_storeu_ps(ob + i, _mm256_add_ps(_mm256_loadu_ps(ob + i), _mm256_blendv_ps(neg, pos, set)));
-            }
-#endif
-            for (; i < len; ++i) {
-                unsigned bit = (pb[i >> 3] >> (i & 7)) & 1u;
-                ob[i] += bit ? s : -s;
-            }
-        }
+        if (R == 0 && assign)
+            for (int64_t i = 0; i < len; ++i) out[start + i] = 0.0f;
+        for (int64_t r = 0; r < R; ++r)
+            sign_decode_block(out + start, len, scales[r][b], packed[r] + start / 8, assign && r == 0);
     }
 }
 
@@ -309,8 +327,8 @@ void lc_sign_server(const float *const *scales, const uint8_t *const *packed, in
         const int64_t start = b * block;
         const int64_t len = (n - start < block) ? n - start : block;
         for (int64_t i = 0; i < len; ++i) err_out[start + i] = err_in[start + i];
-        lc_sign_decode_add(scales, packed, R, err_out, n, block, b, b + 1);
-        lc_sign_ef(err_out, 0, err_out, scales_out, sq_out, packed_out, n, block, b, b + 1);
+        lc_sign_decode_add(scales, packed, R, err_out, n, block, 0, b, b + 1);
+        lc_sign_ef(err_out, 0, err_out, scales_out, sq_out, packed_out, n, block, 1.0f, b, b + 1);
     }
 }
 
@@ -327,4 +345,315 @@ int64_t lc_all_finite(const float *x, int64_t i0, int64_t i1) {
     }
     for (; i < i1; ++i) bad |= ((u[i] & 0x7F800000u) == 0x7F800000u);
     return bad ? 0 : 1;
+}
+
+/* ----- multi-tensor ops: one call for every tensor of a bucket ---------------------------
+ * A tensor's payload starts at a byte offset of a wire buffer (a multiple of 8, so its
+ * fp32 parts are aligned). Calls are split over threads by global block (sign), by chunk
+ * (top-k pass) or by tensor (top-k selection and decode).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const float *x;   /* input, read as xscale * x */
+    const float *e;   /* residual added to it, or NULL */
+    float *r;         /* v - C(v) out, or NULL */
+    uint8_t *payload; /* scales (fp32, one per block), then the sign bits */
+    int64_t n, block, first_block;
+} lc_sign_seg;
+
+static int64_t seg_of(const int64_t *first, int64_t T, int64_t g, size_t stride) {
+    /* The tensor holding global block g: binary search over first_block fields. */
+    int64_t lo = 0, hi = T - 1;
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (*(const int64_t *)((const char *)first + mid * stride) <= g) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* The statistics of one encoded sign block, as the hook reads them: a block whose scale is not
+ * finite (it holds inf/NaN, or sum |v| overflowed) gets sq = err = NaN; otherwise sq = sum v^2
+ * saturated at FLT_MAX (its square may overflow where the values do not) and err =
+ * max(sq - len * scale^2, 0) = ||v_b - C(v_b)||^2. */
+static void saturate_block(float *sq, float *err, float scale, int64_t len) {
+    if (!isfinite(scale)) {
+        *sq = NAN;
+        *err = NAN;
+        return;
+    }
+    const float q = *sq < FLT_MAX ? *sq : FLT_MAX;
+    const float e = q - (float)len * scale * scale;
+    *sq = q;
+    *err = e > 0.0f ? e : 0.0f;
+}
+
+/* Encode every tensor: v = xscale * x + e, as lc_sign_ef; per global block g, sq_out[g] and
+ * err_out[g] as saturate_block gives them. */
+void lc_sign_ef_multi(const lc_sign_seg *segs, int64_t T, float xscale, float *sq_out, float *err_out,
+                      int64_t g0, int64_t g1) {
+    if (g0 >= g1) return;
+    int64_t t = seg_of(&segs[0].first_block, T, g0, sizeof(lc_sign_seg));
+    for (int64_t g = g0; g < g1;) {
+        while (t + 1 < T && segs[t + 1].first_block <= g) ++t;
+        const lc_sign_seg *s = &segs[t];
+        const int64_t nb = (s->n + s->block - 1) / s->block;
+        const int64_t b0 = g - s->first_block;
+        const int64_t b1 = (nb < b0 + (g1 - g)) ? nb : b0 + (g1 - g);
+        float *scales = (float *)s->payload;
+        lc_sign_ef(s->x, s->e, s->r, scales, sq_out + s->first_block, s->payload + 4 * nb, s->n, s->block, xscale,
+                   b0, b1);
+        for (int64_t b = b0; b < b1; ++b) {
+            const int64_t len = (s->n - b * s->block < s->block) ? s->n - b * s->block : s->block;
+            float *sq = sq_out + s->first_block + b;
+            saturate_block(sq, err_out + s->first_block + b, scales[b], len);
+        }
+        g += b1 - b0;
+    }
+}
+
+typedef struct {
+    float *out;
+    int64_t n, block, first_block;
+    int64_t offset; /* of the tensor's payload in every wire */
+} lc_sign_dseg;
+
+/* out (+)= sum_r decode(wires[r] + offset) for every tensor, over global blocks [g0, g1). */
+void lc_sign_decode_multi(const lc_sign_dseg *segs, int64_t T, const uint8_t *const *wires, int64_t R,
+                          int64_t assign, int64_t g0, int64_t g1) {
+    if (g0 >= g1) return;
+    int64_t t = seg_of(&segs[0].first_block, T, g0, sizeof(lc_sign_dseg));
+    for (int64_t g = g0; g < g1; ++g) {
+        while (t + 1 < T && segs[t + 1].first_block <= g) ++t;
+        const lc_sign_dseg *s = &segs[t];
+        const int64_t nb = (s->n + s->block - 1) / s->block;
+        const int64_t b = g - s->first_block, start = b * s->block;
+        const int64_t len = (s->n - start < s->block) ? s->n - start : s->block;
+        for (int64_t r = 0; r < R; ++r) {
+            const uint8_t *p = wires[r] + s->offset;
+            float sc;
+            memcpy(&sc, p + 4 * b, 4);
+            sign_decode_block(s->out + start, len, sc, p + 4 * nb + start / 8, assign && r == 0);
+        }
+        if (R == 0 && assign)
+            for (int64_t i = 0; i < len; ++i) s->out[start + i] = 0.0f;
+    }
+}
+
+/* ----- top-k ------------------------------------------------------------------------------ */
+typedef struct {
+    const float *x, *e; /* v = xscale * x + e (e may be NULL) */
+    float *r;           /* v with the kept entries zeroed, or NULL */
+    int64_t n, k;
+    int64_t sample_size, sample_rank; /* sample_size 0: every entry is a candidate */
+    uint32_t k0, k1;                  /* the sample's random stream */
+    float *values;                    /* payload: k fp32 values, then k int32 indices */
+    int32_t *idx;
+    float threshold, sq, kept_sq;     /* out */
+    int64_t status;                   /* out: 0 done, 1 too few candidates (caller takes the exact path) */
+} lc_topk_job;
+
+typedef struct {
+    int64_t job, i0, i1;
+    int64_t *cand; /* candidate indices, ascending; more than cap are counted, not written */
+    float *cval;   /* and their values v */
+    int64_t cap, count;
+    float sq;
+} lc_topk_chunk;
+
+static inline float v_at(const lc_topk_job *j, float xscale, int scaled, int64_t i) {
+    const float a = scaled ? j->x[i] * xscale : j->x[i];
+    return j->e ? a + j->e[i] : a;
+}
+
+static void swapf(float *a, float *b) { float t = *a; *a = *b; *b = t; }
+
+/* The value of rank m (1 = largest) of a[0..len), by quickselect (a is reordered). */
+static float kth_largest(float *a, int64_t len, int64_t m) {
+    int64_t lo = 0, hi = len - 1, want = m - 1;
+    while (lo < hi) {
+        const float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) ++i;
+            while (a[j] < pivot) --j;
+            if (i <= j) { swapf(&a[i], &a[j]); ++i; --j; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return a[want];
+    }
+    return a[want];
+}
+
+/* The sampled threshold of jobs [j0, j1): a magnitude about sample_rank of sample_size
+ * random entries reach (positions as kernels.topk.sample_threshold draws them). */
+void lc_topk_threshold(lc_topk_job *jobs, float xscale, int64_t j0, int64_t j1) {
+    const int scaled = xscale != 1.0f;
+    for (int64_t q = j0; q < j1; ++q) {
+        lc_topk_job *j = &jobs[q];
+        if (j->sample_size == 0) { j->threshold = 0.0f; continue; }
+        float *a = (float *)malloc(sizeof(float) * j->sample_size);
+        const float fn = (float)j->n;
+        for (int64_t s = 0; s < j->sample_size; ++s) {
+            int64_t p = (int64_t)(uniform_at((uint64_t)s, j->k0, j->k1) * fn);
+            if (p > j->n - 1) p = j->n - 1;
+            const float v = v_at(j, xscale, scaled, p);
+            a[s] = v == v ? fabsf(v) : 0.0f;
+        }
+        j->threshold = kth_largest(a, j->sample_size, j->sample_rank);
+        free(a);
+    }
+}
+
+/* One pass over chunks [c0, c1): v into r, sum of v^2, and the indices of |v| >= threshold. */
+void lc_topk_pass(const lc_topk_job *jobs, lc_topk_chunk *chunks, float xscale, int64_t c0, int64_t c1) {
+    const int scaled = xscale != 1.0f;
+    for (int64_t c = c0; c < c1; ++c) {
+        lc_topk_chunk *ch = &chunks[c];
+        const lc_topk_job *j = &jobs[ch->job];
+        const float t = j->threshold;
+        float acc[LANES] = {0}, zero[LANES] = {0}; /* zero: sum of v * 0, NaN once a v is inf or NaN */
+        int64_t cnt = 0, i = ch->i0;
+#ifdef __AVX2__
+        {
+            const __m256 xs = _mm256_set1_ps(xscale), tv = _mm256_set1_ps(t);
+            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+            __m256 q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
+            __m256 z0 = _mm256_setzero_ps(), z1 = _mm256_setzero_ps(), zz = _mm256_setzero_ps();
+            for (; i + LANES <= ch->i1; i += LANES) {
+                __m256 v0 = _mm256_loadu_ps(j->x + i), v1 = _mm256_loadu_ps(j->x + i + 8);
+                if (scaled) { v0 = _mm256_mul_ps(v0, xs); v1 = _mm256_mul_ps(v1, xs); }
+                if (j->e) {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(j->e + i));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(j->e + i + 8));
+                }
+                if (j->r) { _mm256_storeu_ps(j->r + i, v0); _mm256_storeu_ps(j->r + i + 8, v1); }
+                q0 = _mm256_add_ps(q0, _mm256_mul_ps(v0, v0));
+                q1 = _mm256_add_ps(q1, _mm256_mul_ps(v1, v1));
+                z0 = _mm256_add_ps(z0, _mm256_mul_ps(v0, zz));
+                z1 = _mm256_add_ps(z1, _mm256_mul_ps(v1, zz));
+                unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v0, absmask), tv, _CMP_GE_OQ))
+                           | ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v1, absmask), tv, _CMP_GE_OQ)) << 8);
+                if (m) {
+                    float lanes[LANES];
+                    _mm256_storeu_ps(lanes, v0);
+                    _mm256_storeu_ps(lanes + 8, v1);
+                    while (m) {
+                        const int l = __builtin_ctz(m);
+                        if (cnt < ch->cap) { ch->cand[cnt] = i + l; ch->cval[cnt] = lanes[l]; }
+                        ++cnt;
+                        m &= m - 1;
+                    }
+                }
+            }
+            _mm256_storeu_ps(acc, q0);
+            _mm256_storeu_ps(acc + 8, q1);
+            _mm256_storeu_ps(zero, z0);
+            _mm256_storeu_ps(zero + 8, z1);
+        }
+#endif
+        for (; i + LANES <= ch->i1; i += LANES)
+            for (int l = 0; l < LANES; ++l) {
+                const float v = v_at(j, xscale, scaled, i + l);
+                if (j->r) j->r[i + l] = v;
+                acc[l] += v * v;
+                zero[l] += v * 0.0f;
+                if (fabsf(v) >= t) {
+                    if (cnt < ch->cap) { ch->cand[cnt] = i + l; ch->cval[cnt] = v; }
+                    ++cnt;
+                }
+            }
+        for (int l = 0; i < ch->i1; ++i, ++l) {
+            const float v = v_at(j, xscale, scaled, i);
+            if (j->r) j->r[i] = v;
+            acc[l] += v * v;
+            zero[l] += v * 0.0f;
+            if (fabsf(v) >= t) {
+                if (cnt < ch->cap) { ch->cand[cnt] = i; ch->cval[cnt] = v; }
+                ++cnt;
+            }
+        }
+        ch->count = cnt;
+        const float q = tree16(acc);
+        /* NaN when a value is not finite; else saturated (a square may overflow where its value does not) */
+        ch->sq = tree16(zero) != 0.0f ? NAN : (q < FLT_MAX ? q : FLT_MAX);
+    }
+}
+
+/* Keep the exact top-k of each job [j0, j1) among its chunks' candidates (chunks of a job are
+ * consecutive and in index order): values and int32 indices in ascending index order, ties at
+ * the k-th magnitude kept lowest index first; zero the kept entries of r. */
+void lc_topk_finish(lc_topk_job *jobs, const lc_topk_chunk *chunks, int64_t nchunks, int64_t j0, int64_t j1) {
+    int64_t c = 0;
+    for (int64_t q = j0; q < j1; ++q) {
+        lc_topk_job *j = &jobs[q];
+        while (c < nchunks && chunks[c].job < q) ++c;
+        int64_t c_end = c, total = 0, overflow = 0;
+        float sq = 0.0f;
+        for (; c_end < nchunks && chunks[c_end].job == q; ++c_end) {
+            total += chunks[c_end].count;
+            overflow |= chunks[c_end].count > chunks[c_end].cap;
+            sq += chunks[c_end].sq; /* chunk order: a fixed sum for a fixed split */
+        }
+        j->sq = sq < FLT_MAX ? sq : (sq == sq ? FLT_MAX : sq);
+        j->kept_sq = 0.0f;
+        if (overflow || total < j->k) { j->status = 1; c = c_end; continue; }
+        j->status = 0;
+        float *mag = (float *)malloc(sizeof(float) * (total > 0 ? total : 1));
+        int64_t m = 0;
+        for (int64_t d = c; d < c_end; ++d)
+            for (int64_t s = 0; s < chunks[d].count; ++s) mag[m++] = fabsf(chunks[d].cval[s]);
+        const float kth = j->k ? kth_largest(mag, total, j->k) : INFINITY;
+        int64_t greater = 0;
+        for (int64_t s = 0; s < total; ++s) greater += mag[s] > kth;
+        free(mag);
+        int64_t ties = j->k - greater, out = 0;
+        float kept = 0.0f;
+        for (int64_t d = c; d < c_end && out < j->k; ++d)
+            for (int64_t s = 0; s < chunks[d].count && out < j->k; ++s) {
+                const int64_t i = chunks[d].cand[s];
+                const float v = chunks[d].cval[s];
+                const float a = fabsf(v);
+                if (a > kth || (a == kth && ties > 0)) {
+                    if (!(a > kth)) --ties;
+                    j->values[out] = v;
+                    j->idx[out] = (int32_t)i;
+                    kept += v * v;
+                    ++out;
+                    if (j->r) j->r[i] = 0.0f;
+                }
+            }
+        j->kept_sq = kept < FLT_MAX ? kept : FLT_MAX;
+        c = c_end;
+    }
+}
+
+typedef struct {
+    float *out;
+    int64_t n, k;
+    int64_t offset; /* of the tensor's payload (k values, k int32 indices) in every wire */
+} lc_sparse_dseg;
+
+/* out (+)= sum_r scatter(wires[r] + offset) for tensors [t0, t1); returns the number of
+ * out-of-range indices skipped (a corrupt payload), 0 normally. */
+int64_t lc_sparse_decode_multi(const lc_sparse_dseg *segs, const uint8_t *const *wires, int64_t R, int64_t assign,
+                               int64_t t0, int64_t t1) {
+    int64_t bad = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+        const lc_sparse_dseg *s = &segs[t];
+        if (assign) memset(s->out, 0, sizeof(float) * (size_t)s->n);
+        for (int64_t r = 0; r < R; ++r) {
+            const uint8_t *p = wires[r] + s->offset;
+            const float *val = (const float *)p;
+            const int32_t *idx = (const int32_t *)(p + 4 * s->k);
+            for (int64_t i = 0; i < s->k; ++i) {
+                const int64_t at = idx[i];
+                if (at < 0 || at >= s->n) { ++bad; continue; }
+                s->out[at] += val[i];
+            }
+        }
+    }
+    return bad;
 }

@@ -2,12 +2,17 @@
 
 Meaning (the torch twins below are the reference):
 
-* ``sign_ef(x, residual, block)``: ``v = x + residual`` (``residual`` may be ``None``); per
+* ``sign_ef(x, residual, block, scale)``: ``v = scale * x + residual`` (``residual`` may be
+  ``None``; ``scale`` 1 reads ``x`` as it is, the product is rounded before the sum); per
   block ``b`` of ``block`` elements (the last may be shorter) ``scale_b = sum|v_b| / len_b``
   and ``sq_b = sum v_b**2``; bit ``i`` is ``v_i >= 0`` (so ``-0.0`` encodes as ``+``), packed
   8 per byte little-endian (:mod:`kernels.bitpack`); if ``residual_out`` is given it receives
   ``v - scale_b * (+1 if bit else -1)``, the error that feedback carries to the next step.
-* ``sign_decode_add(scales, packed, out, block)``: ``out += sum_r scale_r[b] * sign_r``.
+* ``sign_decode_add(scales, packed, out, block, assign)``: ``out += sum_r scale_r[b] * sign_r``
+  (with ``assign``, ``out = 0 + sum_r ...``: its old contents are not read).
+* ``sign_ef_multi`` / ``sign_decode_multi``: the same for every tensor of a list at once, with
+  each tensor's payload at a byte offset of one wire buffer (layout: fp32 scales, then bits),
+  and each block's statistics as :func:`block_stats` defines them.
 * ``sign_server_step(scales, packed, server_error, block, server_error_out)``: aggregate the
   ranks' payloads of one shard, add the server error, re-encode, and write the new server
   error, i.e. ``sign_ef(server_error + sum_r decode_r, residual_out=server_error_out)``.
@@ -28,11 +33,12 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels._blocks import as_blocks, block_lengths, byte_aligned
+from kernels._blocks import as_blocks, block_lengths, byte_aligned, num_blocks
 from kernels._dispatch import path_for
 from kernels.bitpack import pack_bits, unpack_bits
 
-__all__ = ["SignCode", "sign_ef", "sign_decode_add", "sign_server_step"]
+__all__ = ["SignCode", "sign_ef", "sign_decode_add", "sign_server_step", "sign_payload_nbytes", "sign_ef_multi",
+           "sign_decode_multi"]
 
 
 class SignCode(NamedTuple):
@@ -52,8 +58,13 @@ def _path(x: torch.Tensor, block: int) -> str:
 
 
 # ----- torch twins ---------------------------------------------------------------------
-def sign_ef_torch(x, residual, block, residual_out=None) -> SignCode:
-    v = x if residual is None else x + residual
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1.0 else x * scale
+
+
+def sign_ef_torch(x, residual, block, residual_out=None, scale=1.0) -> SignCode:
+    v = _scaled(x, scale)
+    v = v if residual is None else v + residual
     n = v.numel()
     blocks = as_blocks(v, block)
     scales = blocks.abs().sum(dim=1) / block_lengths(n, block, v.device)
@@ -65,8 +76,10 @@ def sign_ef_torch(x, residual, block, residual_out=None) -> SignCode:
     return SignCode(scales, pack_bits(positive.to(torch.uint8), 1), sq)
 
 
-def sign_decode_add_torch(scales, packed, out, block) -> torch.Tensor:
+def sign_decode_add_torch(scales, packed, out, block, assign=False) -> torch.Tensor:
     n = out.numel()
+    if assign:
+        out.zero_()
     for s, p in zip(scales, packed):
         signs = unpack_bits(p, 1, n).to(torch.float32).mul_(2).sub_(1)
         out.add_(as_blocks(signs, block).mul_(s.unsqueeze(1)).reshape(-1)[:n])
@@ -86,8 +99,9 @@ def sign_ef(
     *,
     block: int,
     residual_out: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> SignCode:
-    """Encode ``v = x + residual`` as per-block scales and sign bits; see the module doc."""
+    """Encode ``v = scale * x + residual`` as per-block scales and sign bits; see the module doc."""
     _check(x, "x")
     for t, name in ((residual, "residual"), (residual_out, "residual_out")):
         if t is not None:
@@ -100,33 +114,38 @@ def sign_ef(
     if path == "cpu":
         from kernels import cpu
 
-        return SignCode(*cpu.sign_ef(x, residual, block, residual_out))
+        return SignCode(*cpu.sign_ef(x, residual, block, residual_out, scale))
     if path == "triton":
         from kernels import triton_sign
 
-        return SignCode(*triton_sign.sign_ef(x, residual, block, residual_out))
-    return sign_ef_torch(x, residual, block, residual_out)
+        return SignCode(*triton_sign.sign_ef(x, residual, block, residual_out, scale))
+    return sign_ef_torch(x, residual, block, residual_out, scale)
 
 
 def sign_decode_add(
-    scales: Sequence[torch.Tensor], packed: Sequence[torch.Tensor], out: torch.Tensor, *, block: int
+    scales: Sequence[torch.Tensor],
+    packed: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    *,
+    block: int,
+    assign: bool = False,
 ) -> torch.Tensor:
-    """``out += sum_r decode(scales[r], packed[r])`` in place; returns ``out``."""
+    """``out += sum_r decode(scales[r], packed[r])`` in place (``assign``: ``out = ...``); returns ``out``."""
     _check(out, "out")
     if len(scales) != len(packed):
         raise ValueError(f"{len(scales)} scale tensors but {len(packed)} bit tensors")
     if not scales:
-        return out
+        return out.zero_() if assign else out
     path = _path(out, block)
     if path == "cpu":
         from kernels import cpu
 
-        return cpu.sign_decode_add(scales, packed, out, block)
+        return cpu.sign_decode_add(scales, packed, out, block, assign)
     if path == "triton":
         from kernels import triton_sign
 
-        return triton_sign.sign_decode_add(scales, packed, out, block)
-    return sign_decode_add_torch(scales, packed, out, block)
+        return triton_sign.sign_decode_add(scales, packed, out, block, assign)
+    return sign_decode_add_torch(scales, packed, out, block, assign)
 
 
 def sign_server_step(
@@ -150,3 +169,96 @@ def sign_server_step(
 
         return SignCode(*triton_sign.sign_server_step(scales, packed, server_error, block, server_error_out))
     return sign_server_step_torch(scales, packed, server_error, block, server_error_out)
+
+
+# ----- many tensors at once ---------------------------------------------------------------
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def sign_payload_nbytes(numel: int, block: int) -> int:
+    """Bytes of one tensor's payload: an fp32 scale per block, then the packed sign bits."""
+    return 4 * num_blocks(numel, block) + -(-numel // 8)
+
+
+def _payload_parts(wire: torch.Tensor, offset: int, numel: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    nb = num_blocks(numel, block)
+    scales = wire[offset : offset + 4 * nb].view(torch.float32)
+    return scales, wire[offset + 4 * nb : offset + 4 * nb + -(-numel // 8)]
+
+
+def _multi_path(tensors: Sequence[torch.Tensor], blocks: Sequence[int]) -> str:
+    path = path_for(tensors[0])
+    if path == "cpu" and all(byte_aligned(t.numel(), b) for t, b in zip(tensors, blocks)):
+        return "cpu"
+    return "torch" if path == "cpu" else path
+
+
+def sign_ef_multi(
+    xs: Sequence[torch.Tensor],
+    residuals: Sequence[torch.Tensor | None],
+    residuals_out: Sequence[torch.Tensor | None],
+    wire: torch.Tensor,
+    offsets: Sequence[int],
+    *,
+    blocks: Sequence[int],
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sign_ef` of every tensor, each payload written into ``wire`` (uint8) at its offset.
+
+    ``offsets`` must be multiples of 4 (the scales are fp32). Returns ``(sq, err)`` per block
+    of every tensor in order (fp32), see :func:`block_stats`: NaN marks a block that is not
+    finite. The CPU path does every tensor in one call; the others loop over tensors.
+    """
+    if not xs:
+        empty = torch.empty(0, device=wire.device)
+        return empty, empty
+    if _multi_path(xs, blocks) == "cpu":
+        from kernels import cpu
+
+        return cpu.sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale)
+    sqs, errs = [], []
+    for x, e, r, off, block in zip(xs, residuals, residuals_out, offsets, blocks):
+        code = sign_ef(x, e, block=block, residual_out=r, scale=scale)
+        scales, packed = _payload_parts(wire, off, x.numel(), block)
+        scales.copy_(code.scales)
+        packed.copy_(code.packed)
+        sq, err = block_stats(code, x.numel(), block)
+        sqs.append(sq)
+        errs.append(err)
+    return torch.cat(sqs), torch.cat(errs)
+
+
+def block_stats(code: SignCode, numel: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sq, err)`` per block as the hook reads them (fp32).
+
+    A block whose scale is not finite (it holds inf/NaN, or ``sum |v|`` overflowed) gets NaN in
+    both; otherwise ``sq = sum v**2`` saturated at the largest fp32 (a square may overflow where
+    the values do not) and ``err = max(sq - len * scale**2, 0)``, the block's ``||v - C(v)||**2``.
+    """
+    lengths = block_lengths(numel, block, code.scales.device)
+    sq = code.sq.clamp(max=_FP32_MAX)
+    err = (sq - lengths * code.scales * code.scales).clamp_(min=0)
+    ok = torch.isfinite(code.scales)
+    nan = torch.full_like(sq, float("nan"))
+    return torch.where(ok, sq, nan), torch.where(ok, err, nan)
+
+
+def sign_decode_multi(
+    wires: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    outs: Sequence[torch.Tensor],
+    *,
+    blocks: Sequence[int],
+    assign: bool = True,
+) -> Sequence[torch.Tensor]:
+    """``outs[t] (+)= sum_r decode(wires[r] at offsets[t])`` for every tensor; returns ``outs``."""
+    if not outs:
+        return outs
+    if _multi_path(outs, blocks) == "cpu":
+        from kernels import cpu
+
+        return cpu.sign_decode_multi(wires, offsets, outs, blocks, assign)
+    for out, off, block in zip(outs, offsets, blocks):
+        parts = [_payload_parts(w, off, out.numel(), block) for w in wires]
+        sign_decode_add([s for s, _ in parts], [p for _, p in parts], out, block=block, assign=assign)
+    return outs

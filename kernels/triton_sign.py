@@ -119,12 +119,14 @@ def _bit_at(packed_ptr, offs, mask):
 # ----- encode (and the server step) ------------------------------------------------------
 @triton.jit
 def _load_v(
-    x_ptr, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
+    x_ptr, xscale, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
     rows, row_ok, offs, mask,
-    HAS_RES: tl.constexpr, DECODE: tl.constexpr,
+    SCALED: tl.constexpr, HAS_RES: tl.constexpr, DECODE: tl.constexpr,
 ):
-    """``v = x (+ residual) (+ sum_r decode_r)`` on a tile, zero where masked."""
+    """``v = xscale * x (+ residual) (+ sum_r decode_r)`` on a tile, zero where masked."""
     v = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if SCALED:
+        v = v * xscale
     if HAS_RES:
         v = v + tl.load(res_ptr + offs, mask=mask, other=0.0)
     if DECODE:
@@ -151,11 +153,11 @@ def _emit(v, mask, offs, scale, packed_ptr, res_out_ptr, row_start, c0, block, n
 
 @triton.jit
 def _sign_encode_kernel(
-    x_ptr, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
+    x_ptr, xscale, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
     scales_ptr, packed_ptr, sq_ptr, res_out_ptr,
     n, nb, block,
     G: tl.constexpr, CHUNK: tl.constexpr, ONE_PASS: tl.constexpr,
-    HAS_RES: tl.constexpr, DECODE: tl.constexpr, WRITE_RES: tl.constexpr,
+    SCALED: tl.constexpr, HAS_RES: tl.constexpr, DECODE: tl.constexpr, WRITE_RES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * G + tl.arange(0, G)  # block indices
@@ -165,8 +167,8 @@ def _sign_encode_kernel(
     if ONE_PASS:
         offs = row_start[:, None] + cols[None, :]
         mask = (cols[None, :] < block) & (offs < n)
-        v = _load_v(x_ptr, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
-                    rows, row_ok, offs, mask, HAS_RES, DECODE)
+        v = _load_v(x_ptr, xscale, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
+                    rows, row_ok, offs, mask, SCALED, HAS_RES, DECODE)
         total = tl.sum(tl.abs(v), axis=1)
         sq = tl.sum(v * v, axis=1)
     else:
@@ -175,8 +177,8 @@ def _sign_encode_kernel(
         for c0 in range(0, block, CHUNK):
             offs = row_start[:, None] + c0 + cols[None, :]
             mask = (c0 + cols[None, :] < block) & (offs < n)
-            v = _load_v(x_ptr, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
-                        rows, row_ok, offs, mask, HAS_RES, DECODE)
+            v = _load_v(x_ptr, xscale, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
+                        rows, row_ok, offs, mask, SCALED, HAS_RES, DECODE)
             acc += tl.abs(v)
             acc_sq += v * v
         total = tl.sum(acc, axis=1)
@@ -191,12 +193,12 @@ def _sign_encode_kernel(
         for c0 in range(0, block, CHUNK):
             offs = row_start[:, None] + c0 + cols[None, :]
             mask = (c0 + cols[None, :] < block) & (offs < n)
-            v = _load_v(x_ptr, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
-                        rows, row_ok, offs, mask, HAS_RES, DECODE)
+            v = _load_v(x_ptr, xscale, res_ptr, sc_in_ptr, pk_in_ptr, sc_stride, pk_stride, R,
+                        rows, row_ok, offs, mask, SCALED, HAS_RES, DECODE)
             _emit(v, mask, offs, scale, packed_ptr, res_out_ptr, row_start, c0, block, n, WRITE_RES, G, CHUNK)
 
 
-def _encode(x, residual, payloads, block, residual_out):
+def _encode(x, residual, payloads, block, residual_out, scale=1.0):
     n = x.numel()
     device = x.device
     scales = torch.empty(num_blocks(n, block), dtype=torch.float32, device=device)
@@ -211,19 +213,19 @@ def _encode(x, residual, payloads, block, residual_out):
         sc_in, sc_stride, pk_in, pk_stride, r = payloads
     grid = (triton.cdiv(nb, group),)
     _sign_encode_kernel[grid](
-        x, residual if residual is not None else x, sc_in, pk_in, sc_stride, pk_stride, r,
+        x, float(scale), residual if residual is not None else x, sc_in, pk_in, sc_stride, pk_stride, r,
         scales, packed, sq, residual_out if residual_out is not None else x,
         n, nb, block_k,
-        G=group, CHUNK=chunk, ONE_PASS=one_pass,
+        G=group, CHUNK=chunk, ONE_PASS=one_pass, SCALED=scale != 1.0,
         HAS_RES=residual is not None, DECODE=payloads is not None, WRITE_RES=residual_out is not None,
         num_warps=_warps(group * chunk), enable_fp_fusion=False,
     )
     return scales, packed, sq
 
 
-def sign_ef(x: torch.Tensor, residual, block: int, residual_out):
-    """``(scales, packed, sq)`` of ``v = x + residual``; fills ``residual_out`` if given."""
-    return _encode(x, residual, None, block, residual_out)
+def sign_ef(x: torch.Tensor, residual, block: int, residual_out, scale: float = 1.0):
+    """``(scales, packed, sq)`` of ``v = scale * x + residual``; fills ``residual_out`` if given."""
+    return _encode(x, residual, None, block, residual_out, scale)
 
 
 def _payloads(scales, packed, n: int, block: int, device):
@@ -266,10 +268,13 @@ def _decode_grid(n: int, block: int):
 @triton.jit
 def _sign_decode_add_kernel(
     sc_ptr, pk_ptr, sc_stride, pk_stride, R, out_ptr, n, nb, block, chunks,
-    G: tl.constexpr, CHUNK: tl.constexpr,
+    G: tl.constexpr, CHUNK: tl.constexpr, ASSIGN: tl.constexpr,
 ):
     rows, row_ok, offs, mask = _tile(tl.program_id(0), chunks, n, nb, block, G, CHUNK)
-    acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
+    if ASSIGN:  # out's old contents are not read: the sum starts from 0
+        acc = tl.zeros((G, CHUNK), dtype=tl.float32)
+    else:
+        acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
     for _ in range(R):
         s = tl.load(sc_ptr + rows, mask=row_ok, other=0.0)[:, None]
         bit = _bit_at(pk_ptr, offs, mask)
@@ -279,15 +284,15 @@ def _sign_decode_add_kernel(
     tl.store(out_ptr + offs, acc, mask=mask)
 
 
-def sign_decode_add(scales, packed, out: torch.Tensor, block: int) -> torch.Tensor:
-    """``out += sum_r scales[r][b] * (+1 if bit else -1)`` in one pass over ``out``."""
+def sign_decode_add(scales, packed, out: torch.Tensor, block: int, assign: bool = False) -> torch.Tensor:
+    """``out (+)= sum_r scales[r][b] * (+1 if bit else -1)`` in one pass over ``out``."""
     n = out.numel()
     if n == 0 or not len(scales):
-        return out
+        return out.zero_() if assign else out
     sc, sc_stride, pk, pk_stride, r = _payloads(scales, packed, n, block, out.device)
     grid, block_k, nb, chunks, group, chunk = _decode_grid(n, block)
     _sign_decode_add_kernel[grid](
         sc, pk, sc_stride, pk_stride, r, out, n, nb, block_k, chunks,
-        G=group, CHUNK=chunk, num_warps=_warps(group * chunk), enable_fp_fusion=False,
+        G=group, CHUNK=chunk, ASSIGN=bool(assign), num_warps=_warps(group * chunk), enable_fp_fusion=False,
     )
     return out

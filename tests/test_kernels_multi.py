@@ -1,0 +1,212 @@
+"""Multi-tensor kernel ops (one call per bucket): the C path against the torch twins, and the
+statistics the hook reads (NaN marks what must not be sent; overflowing squares saturate)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels.cpu as cpu
+from kernels._blocks import num_blocks
+from kernels._dispatch import ENV_VAR
+from kernels.sign import _payload_parts, sign_decode_multi, sign_ef_multi, sign_payload_nbytes
+from kernels.topk import _parts, sparse_decode_multi, topk_ef_multi
+
+needs_cpu = pytest.mark.skipif(not cpu.available(), reason=f"C CPU path unavailable: {cpu.build_error()}")
+
+# Tensors of one "bucket": one element, odd tails, one past the thread split (2**18), blocks of 8 and 1024.
+SIZES = (1, 7, 1023, 4097, 300_001, 70_000)
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def blocks_for(sizes, block):
+    return [max(1, min(block, n)) for n in sizes]
+
+
+def aligned_offsets(nbytes):
+    offsets, at = [], 0
+    for b in nbytes:
+        offsets.append(at)
+        at += -(-b // 8) * 8
+    return offsets, at
+
+
+def inputs(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, generator=g) for n in sizes]
+    es = [torch.randn(n, generator=g) * 0.1 for n in sizes]
+    return xs, es
+
+
+def run_sign(monkeypatch, path, sizes, block, scale, xs=None, es=None, threads=1):
+    monkeypatch.setenv(ENV_VAR, path)
+    torch.set_num_threads(threads)
+    if xs is None:
+        xs, es = inputs(sizes)
+    blocks = blocks_for(sizes, block)
+    offsets, total = aligned_offsets([sign_payload_nbytes(n, b) for n, b in zip(sizes, blocks)])
+    wire = torch.zeros(total, dtype=torch.uint8)
+    rs = [torch.full((n,), 9.0) for n in sizes]
+    sq, err = sign_ef_multi(xs, es, rs, wire, offsets, blocks=blocks, scale=scale)
+    outs = [torch.full((n,), 7.0) for n in sizes]  # assign: old contents must not matter
+    sign_decode_multi([wire, wire.clone()], offsets, outs, blocks=blocks, assign=True)
+    parts = [_payload_parts(wire, o, n, b) for o, n, b in zip(offsets, sizes, blocks)]
+    return parts, sq, err, rs, outs
+
+
+@needs_cpu
+@pytest.mark.parametrize("block", [8, 1024])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 1.0 / 3.0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sign_multi_cpu_matches_twin(monkeypatch, block, scale, threads):
+    old = torch.get_num_threads()
+    try:
+        c = run_sign(monkeypatch, "cpu", SIZES, block, scale, threads=threads)
+        t = run_sign(monkeypatch, "torch", SIZES, block, scale)
+    finally:
+        torch.set_num_threads(old)
+    for (cs, cb), (ts, tb) in zip(c[0], t[0]):
+        assert torch.equal(cb, tb), "sign bits differ"
+        torch.testing.assert_close(cs, ts, rtol=1e-5, atol=0)
+    torch.testing.assert_close(c[1], t[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c[2], t[2], rtol=1e-3, atol=1e-4)
+    for a, b in zip(c[3] + c[4], t[3] + t[4]):  # residuals and decoded sums: scales differ by rounding only
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the decode of two copies of the payload is twice the single decode: out = 0 + p + p
+    xs, es = inputs(SIZES)
+    for (scales, _), x, e, r, out, n in zip(c[0], xs, es, c[3], c[4], SIZES):
+        v = x * scale + e if scale != 1.0 else x + e
+        torch.testing.assert_close(out, 2 * (v - r), rtol=1e-5, atol=1e-6)
+
+
+def test_sign_multi_twin_means_per_tensor_sign_ef(monkeypatch):
+    """The twin: each tensor's payload is sign_ef of scale * x + e, at its offset."""
+    from kernels.sign import sign_ef
+
+    parts, sq, err, rs, _ = run_sign(monkeypatch, "torch", SIZES, 64, 0.25)
+    xs, es = inputs(SIZES)
+    at = 0
+    for (scales, bits), x, e, r, n in zip(parts, xs, es, rs, SIZES):
+        block = max(1, min(64, n))
+        want_r = torch.empty(n)
+        code = sign_ef(x * 0.25, e, block=block, residual_out=want_r)
+        assert torch.equal(scales, code.scales) and torch.equal(bits, code.packed) and torch.equal(r, want_r)
+        nb = num_blocks(n, block)
+        assert torch.equal(sq[at : at + nb], code.sq)
+        at += nb
+
+
+@needs_cpu
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+def test_sign_multi_marks_what_must_not_be_sent(monkeypatch, path):
+    sizes = (64, 64, 64, 64)
+    xs = [torch.ones(64), torch.ones(64), torch.ones(64), torch.ones(64)]
+    xs[1][3] = float("inf")
+    xs[2][5] = float("nan")
+    xs[3][:8] = 3e38  # finite values whose block sum |v| overflows
+    es = [torch.zeros(64) for _ in sizes]
+    _, sq, err, _, _ = run_sign(monkeypatch, path, sizes, 8, 1.0, xs, es)
+    per = sq.view(4, 8)
+    assert torch.isfinite(per[0]).all()
+    assert torch.isnan(per[1, 0]) and torch.isfinite(per[1, 1:]).all(), "only the block with inf"
+    assert torch.isnan(per[2, 0]) and torch.isfinite(per[2, 1:]).all()
+    assert torch.isnan(per[3, 0]) and torch.isfinite(per[3, 1:]).all()
+    assert torch.isnan(err.view(4, 8)[1:, 0]).all()
+    # values whose squares overflow fp32 but whose scale does not: finite, saturated statistics
+    big = [torch.full((64,), 1e20)]
+    _, sq, err, _, _ = run_sign(monkeypatch, path, (64,), 8, 1.0, big, [torch.zeros(64)])
+    assert torch.equal(sq, torch.full((8,), FP32_MAX)) and torch.equal(err, torch.zeros(8))
+
+
+def run_topk(monkeypatch, path, sizes, density, scale, xs=None, es=None, with_residual_out=True, threads=1):
+    monkeypatch.setenv(ENV_VAR, path)
+    torch.set_num_threads(threads)
+    if xs is None:
+        xs, es = inputs(sizes, seed=3)
+    ks = [max(1, math.ceil(density * n)) for n in sizes]
+    offsets, total = aligned_offsets([8 * k for k in ks])
+    wire = torch.zeros(total, dtype=torch.uint8)
+    rs = [torch.full((n,), 9.0) if with_residual_out else None for n in sizes]
+    sq, err = topk_ef_multi(xs, es, rs, ks, wire, offsets, scale=scale, seeds=list(range(len(sizes))))
+    outs = [torch.full((n,), 7.0) for n in sizes]
+    sparse_decode_multi([wire, wire.clone()], offsets, ks, outs, assign=True)
+    return [_parts(wire, o, k) for o, k in zip(offsets, ks)], sq, err, rs, outs
+
+
+@needs_cpu
+@pytest.mark.parametrize("density", [0.01, 0.3])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_multi_cpu_matches_twin(monkeypatch, density, scale, threads):
+    old = torch.get_num_threads()
+    try:
+        c = run_topk(monkeypatch, "cpu", SIZES, density, scale, threads=threads)
+        t = run_topk(monkeypatch, "torch", SIZES, density, scale)
+    finally:
+        torch.set_num_threads(old)
+    for (cv, ci), (tv, ti) in zip(c[0], t[0]):  # distinct random values: the same set, ascending
+        assert torch.equal(ci, ti) and torch.equal(cv, tv)
+    for a, b in zip(c[3] + c[4], t[3] + t[4]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(c[1], t[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c[2], t[2], rtol=1e-3, atol=1e-4)
+
+
+@needs_cpu
+def test_topk_multi_without_residual_out_keeps_inputs(monkeypatch):
+    xs, es = inputs(SIZES, seed=5)
+    copies = [x.clone() for x in xs], [e.clone() for e in es]
+    c = run_topk(monkeypatch, "cpu", SIZES, 0.01, 0.5, xs, es, with_residual_out=False)
+    t = run_topk(monkeypatch, "torch", SIZES, 0.01, 0.5, xs, es, with_residual_out=False)
+    assert all(torch.equal(a, b) for a, b in zip(xs + es, copies[0] + copies[1]))
+    for (cv, ci), (tv, ti) in zip(c[0], t[0]):
+        assert torch.equal(ci, ti) and torch.equal(cv, tv)
+
+
+@needs_cpu
+def test_topk_multi_ties_keep_an_exact_top_k_lowest_index_first(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    for trial in range(40):
+        n = int(torch.randint(2, 60_000, (1,), generator=g))
+        x = torch.randint(-4, 5, (n,), generator=g).float()  # many equal magnitudes
+        k = max(1, int(n * 0.2 * float(torch.rand(1, generator=g))))
+        [(vals, idx)], _, _, rs, _ = run_topk(monkeypatch, "cpu", (n,), k / n, 1.0, [x], [None])
+        idx = idx.long()
+        assert idx.numel() == max(1, math.ceil(k / n * n)) and bool((idx[1:] > idx[:-1]).all())
+        assert torch.equal(vals, x[idx])
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[idx] = False
+        if rest.any():
+            kth = float(x[idx].abs().min())
+            assert float(x[rest].abs().max()) <= kth
+            # among entries equal to the k-th magnitude, the lowest indices were kept
+            tied = (x.abs() == kth).nonzero().reshape(-1)
+            kept_tied = idx[x[idx].abs() == kth]
+            assert torch.equal(kept_tied, tied[: kept_tied.numel()])
+        want = x.clone()
+        want[idx] = 0
+        assert torch.equal(rs[0], want)
+
+
+@needs_cpu
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+def test_topk_multi_marks_non_finite_and_saturates_squares(monkeypatch, path):
+    sizes = (5000, 5000, 5000)
+    xs, es = inputs(sizes, seed=2)
+    xs[1][17] = float("nan")
+    xs[2][:] = 1e20  # squares overflow, values do not
+    _, sq, err, _, _ = run_topk(monkeypatch, path, sizes, 0.01, 1.0, xs, es)
+    assert torch.isfinite(sq[0]) and torch.isnan(sq[1])
+    assert sq[2] == FP32_MAX and torch.isfinite(err[2])
+
+
+@needs_cpu
+def test_sparse_decode_refuses_indices_outside_the_tensor(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "cpu")
+    wire = torch.zeros(16, dtype=torch.uint8)
+    wire[:8].view(torch.float32)[:] = 1.0
+    wire[8:].view(torch.int32)[:] = torch.tensor([3, 1000], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="corrupt"):
+        sparse_decode_multi([wire], [0], [2], [torch.zeros(10)], assign=True)
