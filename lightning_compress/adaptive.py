@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from kernels.finite import all_finite
 from lightning_compress.compressors import Compressor
 from lightning_compress.gravac import GraVACController, Plan
-from kernels.finite import all_finite
-from lightning_compress.transport import Source, exchange
+from lightning_compress.transport import send_encoded
 
 __all__ = ["AdaptiveRun", "ADAPTIVE_COMPRESSORS", "qsgd_ladder", "attach_gravac"]
 
@@ -115,11 +115,10 @@ class AdaptiveRun:
             encoded, residuals, (err_min, err_cand, norm) = self._observe_levels(state, names, gs, plan, send=True)
             comp = self.compressor(plan.send_cf)
             seeds = [self._seed(state, n, plan.send_cf == plan.candidate_cf) for n in names]
-            sources = [Source(g, encoded=enc) for g, enc in zip(gs, encoded)]
-            result = exchange(state.transport, state.collectives, comp, sources, seeds, local_finite)
-            if not result.finite:
+            aggregates = [state.scratch(n, "agg", g.numel(), g.device) for n, g in zip(names, gs)]
+            payloads = [enc.payload for enc in encoded]
+            if not send_encoded(state.transport, state.collectives, comp, payloads, aggregates, seeds, local_finite):
                 return None
-            aggregates = result.aggregates
             self.bucket_err = err_cand if plan.send_cf == plan.candidate_cf else err_min
             self.bucket_norm = norm
         for mem, res in zip(mems, residuals):

@@ -37,6 +37,15 @@ class Feedback:
     memory_keys: ClassVar[tuple[str, ...]] = ()
     #: keys holding the same value on every rank (updated from the aggregate only)
     shared_keys: ClassVar[tuple[str, ...]] = ()
+    #: ``v = x + memory[memory_keys[0]]`` (or ``x`` without memory): the compressor reads both in
+    #: its fused pass; otherwise ``v = x - shift(memory)`` is formed first
+    fused_residual: ClassVar[bool] = True
+    #: the sum over ranks of the decoded payloads is the result itself (``result`` is the identity)
+    direct_result: ClassVar[bool] = True
+
+    def shift(self, mem: Memory) -> torch.Tensor:
+        """What ``v = x - shift`` subtracts, for schemes without a fused residual."""
+        raise NotImplementedError
 
     def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         """``v``, the tensor this rank compresses."""
@@ -93,6 +102,11 @@ class EF21(Feedback):
     name = "ef21"
     memory_keys = ("local", "global")
     shared_keys = ("global",)
+    fused_residual = False
+    direct_result = False
+
+    def shift(self, mem: Memory) -> torch.Tensor:
+        return mem["local"]
 
     def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         return x - mem["local"]
@@ -115,6 +129,11 @@ class DIANA(Feedback):
     name = "diana"
     memory_keys = ("shift", "global_shift")
     shared_keys = ("global_shift",)
+    fused_residual = False
+    direct_result = False
+
+    def shift(self, mem: Memory) -> torch.Tensor:
+        return mem["shift"]
 
     def __init__(self, compressor: Compressor, alpha: float | None = None):
         self.compressor = compressor

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_compress.config import CompressionConfig
+from lightning_compress.exchange import StepPipeline
 from lightning_compress.feedback import make_feedback
 from lightning_compress.transport import Collectives
 
@@ -51,6 +52,13 @@ class CompressionStats:
     gain: float = 1.0
     compressed_last_step: bool = False
     buckets_last_step: int = 0
+    #: seconds of the last step spent compressing and launching on the hook's thread, decoding
+    #: in completion callbacks, and blocked waiting for collectives (second passes, the drain)
+    encode_seconds_last_step: float = 0.0
+    decode_seconds_last_step: float = 0.0
+    wait_seconds_last_step: float = 0.0
+    #: buckets of the last step that some rank could not send finite, averaged densely instead
+    fallback_buckets_last_step: int = 0
 
     world_size: int = 1
 
@@ -89,6 +97,10 @@ class CompressionState:
     Changes of ``density`` or ``bits`` (by a controller) are requested with :meth:`request_update`
     and applied at the next step boundary; controllers must request the same change on every
     rank, which they do when their decision is a function of data all ranks share.
+
+    ``overlap`` (default True) lets buckets travel while the backward pass goes on; set it to
+    False to finish every bucket's exchange inside its hook call (the same numbers, slower:
+    for debugging and comparisons).
     """
 
     __slots__ = (
@@ -99,9 +111,10 @@ class CompressionState:
         # parameter bookkeeping
         "param_names", "param_index",
         # internal state
-        "step", "memory", "server_memory", "_pending", "_scratch", "adaptive", "_adaptive_saved",
+        "step", "memory", "server_memory", "_pending", "_scratch", "adaptive", "_adaptive_saved", "pipeline", "overlap",
         # stats
         "stats", "_step_dense_bytes", "_step_err", "_step_norm", "_step_compressed", "_step_buckets",
+        "_step_encode_s", "_step_decode_s", "_step_wait_s", "_step_fallbacks",
     )  # fmt: skip
 
     def __init__(
@@ -124,6 +137,9 @@ class CompressionState:
         self.adaptive = None  # an AdaptiveRun (GraVAC) when one is attached
         self._adaptive_saved: dict[str, Any] | None = None  # controller state loaded before attaching
         self._pending: dict[str, Any] = {}
+        self.pipeline = StepPipeline()  # the buckets of the current step in flight
+        # False: every bucket's exchange finishes before the hook returns (same results, no overlap)
+        self.overlap = True
         self.stats = CompressionStats(world_size=self.world_size)
         self._set_config(config)
         self._reset_step_counters()
@@ -152,6 +168,8 @@ class CompressionState:
         self._step_err = 0.0
         self._step_norm = 0.0
         self._step_compressed = False
+        self._step_encode_s = self._step_decode_s = self._step_wait_s = 0.0
+        self._step_fallbacks = 0
 
     def record_bucket(self, dense_bytes: int) -> None:
         """Count one bucket of the current step and the bytes a dense allreduce would take."""
@@ -163,6 +181,21 @@ class CompressionState:
         self._step_err += err
         self._step_norm += norm
         self._step_compressed = True
+
+    def record_wait(self, seconds: float) -> None:
+        """Time the hook's thread spent blocked on collectives of this step."""
+        self._step_wait_s += seconds
+
+    def record_flights(self, flights, wait_seconds: float) -> None:
+        """Add a drained step's flights (see :mod:`lightning_compress.exchange`) in bucket order."""
+        self._step_wait_s += wait_seconds
+        for f in flights:
+            self._step_encode_s += f.hook_seconds
+            self._step_decode_s += f.callback_seconds
+            if f.failed:
+                self._step_fallbacks += 1
+            elif f.norm_sq is not None:
+                self.record_compression(float(f.err_sq), float(f.norm_sq))
 
     def finish_step(self) -> None:
         """Close the step: roll stats, advance the counter, apply pending config changes."""
@@ -177,6 +210,10 @@ class CompressionState:
         s.gain = 1.0 - self._step_err / self._step_norm if self._step_norm > 0 else 1.0
         s.compressed_last_step = self._step_compressed
         s.buckets_last_step = self._step_buckets
+        s.encode_seconds_last_step = self._step_encode_s
+        s.decode_seconds_last_step = self._step_decode_s
+        s.wait_seconds_last_step = self._step_wait_s
+        s.fallback_buckets_last_step = self._step_fallbacks
         s.steps += 1
         comm.bytes_handed, comm.bytes_sent = 0, 0.0
         self._reset_step_counters()
@@ -297,10 +334,13 @@ class CompressionState:
 
     def __getstate__(self) -> dict[str, Any]:
         # The process group cannot be pickled; the rest can.
-        return {slot: getattr(self, slot) for slot in self.__slots__ if slot not in ("process_group", "collectives")}
+        return {
+            slot: getattr(self, slot) for slot in self.__slots__ if slot not in ("process_group", "collectives", "pipeline")
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for slot, value in state.items():
             setattr(self, slot, value)
         self.process_group = None
         self.collectives = Collectives(None, self.world_size, self.rank)
+        self.pipeline = StepPipeline()

@@ -1,9 +1,22 @@
 """How payloads travel: allreduce, all_gather, and two-pass (all_to_all + all_gather).
 
-Every function here issues the same collectives, in the same order and with the same
-sizes, on every rank: sizes depend only on tensor sizes and the config, and the one
-data-dependent decision (some rank holds inf/NaN) is made from a flag that travels
-inside the payload, so every rank sees every flag before it decides.
+A transport moves one bucket's wire buffer (every compressed tensor's payload, laid out by
+:func:`~lightning_compress.compressors.base.wire_layout`, then one flag byte) and sums what
+every rank sent. It is split in two halves so that the exchange overlaps the backward pass:
+
+* ``launch`` runs on the thread that calls the DDP hook: it issues the collective with
+  ``async_op=True`` and returns at once;
+* ``finish`` runs when the collective completes (usually on the process group's thread): it
+  reads the flags, decodes and sums, and never issues a collective.
+
+The two-pass transport has a second collective that depends on the first one's result; its
+``launch_second`` is again called from the hook's thread (see :mod:`lightning_compress.exchange`),
+so every rank issues every collective in the same order.
+
+Every rank issues the same collectives, in the same order and with the same sizes: sizes
+depend only on tensor sizes and the config, and the one data-dependent decision (some rank
+holds inf/NaN, or a scale or norm overflowed) is made from a flag that travels inside the
+payload, so every rank sees every flag before it decides.
 """
 
 from __future__ import annotations
@@ -15,14 +28,24 @@ import torch
 import torch.distributed as dist
 
 from lightning_compress.compressors import Compressor
-from lightning_compress.compressors.base import Encoded, bytes_as
+from lightning_compress.compressors.base import WIRE_ALIGN, bytes_as, wire_layout
 
-__all__ = ["Collectives", "Exchange", "Source", "exchange", "TRANSPORT_NAMES"]
+__all__ = [
+    "Batch", "Collectives", "Layout", "TRANSPORTS", "TRANSPORT_NAMES", "Transport",
+    "done_future", "send_encoded", "shard_bounds", "shard_size",
+]  # fmt: skip
 
 TRANSPORT_NAMES = ("allreduce", "allgather", "two_pass")
 
 # Newer PyTorch renames all_gather_into_tensor (and deprecates the old name).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def done_future(value) -> torch.futures.Future:
+    """A future already holding ``value``."""
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
 
 
 class Collectives:
@@ -31,6 +54,9 @@ class Collectives:
     ``bytes_handed`` counts the input tensors given to collectives; ``bytes_sent`` estimates
     what this rank transmits: ``2(n-1)/n`` of an allreduce input (ring), ``(n-1)`` times an
     all_gather input, ``(n-1)/n`` of an all_to_all input. With one process nothing is sent.
+
+    The ``*_async`` methods return a future that completes with the collective; the others
+    wait for it. Both must be called from the thread that calls the DDP hook.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, rank: int):
@@ -45,204 +71,301 @@ class Collectives:
         self.bytes_handed += nbytes
         self.bytes_sent += nbytes * factor
 
-    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ranks in place."""
+    def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """Sum ``tensor`` over ranks in place; the future completes when it holds the sum."""
         n = self.world_size
         self._count(tensor, 2.0 * (n - 1) / n)
-        if n > 1:
-            dist.all_reduce(tensor, group=self.group)
-        return tensor
+        if n == 1:
+            return done_future(tensor)
+        return dist.all_reduce(tensor, group=self.group, async_op=True).get_future()
 
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``tensor``, in rank order."""
+    def all_gather_async(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.futures.Future]:
+        """``(out, future)``: ``out[r]`` receives rank ``r``'s ``tensor`` (an ``(n, len)`` buffer)."""
         n = self.world_size
         self._count(tensor, float(n - 1))
         if n == 1:
-            return [tensor]
-        out = torch.empty(n * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-        _all_gather_single(out, tensor, group=self.group)
-        return list(out.view(n, -1).unbind(0))
+            return tensor.view(1, -1), done_future(None)
+        out = torch.empty(n, tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        work = _all_gather_single(out.view(-1), tensor, group=self.group, async_op=True)
+        return out, work.get_future()
 
-    def all_to_all(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Send ``chunks[j]`` to rank ``j``; returns what each rank sent here, in rank order."""
+    def all_to_all_async(self, send: torch.Tensor) -> tuple[torch.Tensor, torch.futures.Future]:
+        """``(recv, future)``: row ``j`` of ``send`` (an ``(n, len)`` buffer) goes to rank ``j``;
+        row ``j`` of ``recv`` is what rank ``j`` sent here."""
         n = self.world_size
-        send = torch.cat(list(chunks))
         self._count(send, (n - 1) / n)
         if n == 1:
-            return [send]
+            return send, done_future(None)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        return list(recv.view(n, -1).unbind(0))
+        work = dist.all_to_all_single(recv.view(-1), send.view(-1), group=self.group, async_op=True)
+        return recv, work.get_future()
+
+    # Blocking forms, for the step-end statistics and the GraVAC path.
+    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (waits)."""
+        self.allreduce_async(tensor).wait()
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor``, in rank order (waits)."""
+        out, fut = self.all_gather_async(tensor)
+        fut.wait()
+        return list(out.unbind(0))
 
 
 @dataclass
-class Source:
-    """One tensor to exchange: this rank encodes ``x + residual`` (``residual`` may be ``None``).
+class Layout:
+    """Where each tensor's payload lies in a wire buffer of ``payload_dtype`` elements.
 
-    If ``error_out`` is given, the exchange writes ``v - C(v)`` (this rank's compression
-    error) into it; it must not be memory that survives a failed exchange.
+    The flag (non-zero: this rank's data is not finite) is the element at ``flag``; the wire
+    has ``total`` elements. For uint8 wires every payload starts at a multiple of
+    ``WIRE_ALIGN`` bytes, and so does every rank's row of a gathered buffer.
     """
 
-    x: torch.Tensor
-    residual: torch.Tensor | None = None
-    error_out: torch.Tensor | None = None
-    encoded: Encoded | None = None  # already compressed (allreduce/allgather use it as is)
-    aggregate_out: torch.Tensor | None = None  # a buffer for the aggregate (allgather), reused between steps
+    offsets: list[int]
+    flag: int
+    total: int
 
-    def numel(self) -> int:
-        return self.x.numel()
-
-    def value(self) -> torch.Tensor:
-        """``v = x + residual``, materialized."""
-        return self.x if self.residual is None else self.x + self.residual
-
-
-@dataclass
-class Exchange:
-    """What one compressed exchange of several tensors produced on this rank."""
-
-    finite: bool  # False: some rank held inf/NaN; nothing else is set
-    aggregates: list[torch.Tensor] = field(default_factory=list)  # sum over ranks of decoded payloads
-    server_memory: list[torch.Tensor] = field(default_factory=list)  # new server errors (two-pass)
-    norm_sq: float = 0.0  # sum over tensors of ||v||^2 on this rank
-    err_sq: float = 0.0  # sum over tensors of ||v - C(v)||^2 on this rank
-
-
-def _flag(local_finite: bool, device: torch.device) -> torch.Tensor:
-    return torch.tensor([0 if local_finite else 1], dtype=torch.uint8, device=device)
-
-
-def _compress_all(compressor: Compressor, sources: Sequence[Source], seeds: Sequence[int]) -> list[Encoded]:
-    return [
-        s.encoded if s.encoded is not None else compressor.compress(s.x, s.residual, seed=seed, residual_out=s.error_out)
-        for s, seed in zip(sources, seeds)
-    ]
-
-
-def _totals(encoded: Sequence[Encoded]) -> dict[str, float]:
-    if not encoded:
-        return {"norm_sq": 0.0, "err_sq": 0.0}
-    both = torch.stack([torch.stack([e.norm_sq, e.err_sq]) for e in encoded]).to(torch.float64).sum(0)
-    return {"norm_sq": float(both[0]), "err_sq": float(both[1])}
-
-
-def _split_sizes(buffer: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    return list(torch.split(buffer, list(sizes)))
-
-
-def exchange_allreduce(comm, compressor, sources, seeds, local_finite, **_) -> Exchange:
-    """Sum summable payloads with one allreduce; a trailing element carries the inf/NaN flag."""
-    encoded = _compress_all(compressor, sources, seeds)
-    payloads = [e.payload for e in encoded]
-    device = sources[0].x.device
-    sentinel = torch.full((1,), 0.0 if local_finite else float("nan"), dtype=compressor.payload_dtype, device=device)
-    flat = comm.allreduce_(torch.cat([*payloads, sentinel]))
-    if not torch.isfinite(flat[-1]).item():
-        return Exchange(finite=False)
-    sums = _split_sizes(flat[:-1], [p.numel() for p in payloads])
-    aggregates = [compressor.decode(s, src.numel(), seed) for s, src, seed in zip(sums, sources, seeds)]
-    return Exchange(True, aggregates, **_totals(encoded))
-
-
-def exchange_allgather(comm, compressor, sources, seeds, local_finite, **_) -> Exchange:
-    """All-gather one packed buffer per rank; every rank decodes and sums all of them."""
-    encoded = _compress_all(compressor, sources, seeds)
-    payloads = [e.payload for e in encoded]
-    wire = torch.cat([*(p.view(torch.uint8) for p in payloads), _flag(local_finite, sources[0].x.device)])
-    gathered = comm.all_gather(wire)
-    if any(int(w[-1]) for w in gathered):
-        return Exchange(finite=False)
-    sizes = [p.numel() * p.element_size() for p in payloads]
-    per_rank = [_split_sizes(w[:-1], sizes) for w in gathered]
-    aggregates = []
-    for i, (src, seed) in enumerate(zip(sources, seeds)):
-        parts = [bytes_as(parts_j[i], compressor.payload_dtype) for parts_j in per_rank]
-        agg = src.aggregate_out.zero_() if src.aggregate_out is not None else torch.zeros_like(src.x)
-        aggregates.append(compressor.decode_add_many_(parts, agg, [seed] * len(parts)))
-    return Exchange(True, aggregates, **_totals(encoded))
+    @classmethod
+    def of(cls, compressor: Compressor, numels: Sequence[int]) -> "Layout":
+        if compressor.payload_dtype == torch.uint8:
+            offsets, end = wire_layout([compressor.payload_nbytes(n) for n in numels])
+            return cls(offsets, end, end + WIRE_ALIGN)
+        offsets, at = [], 0  # summable payloads (allreduce): elements of payload_dtype, back to back
+        for n in numels:
+            offsets.append(at)
+            at += compressor.payload_numel(n)
+        return cls(offsets, at, at + 1)
 
 
 def shard_size(numel: int, world_size: int) -> int:
-    """Elements per shard when a tensor of ``numel`` is cut into ``world_size`` equal shards."""
+    """Elements per shard when a tensor of ``numel`` is cut into ``world_size`` shards."""
     return -(-numel // world_size)
 
 
-def exchange_two_pass(
+def shard_bounds(numel: int, world_size: int, shard: int) -> tuple[int, int]:
+    """``[lo, hi)`` of shard ``shard`` of a tensor of ``numel`` elements (the last ones may be short)."""
+    size = shard_size(numel, world_size)
+    lo = min(shard * size, numel)
+    return lo, min(lo + size, numel)
+
+
+# ----- the per-bucket exchanges -------------------------------------------------------------
+@dataclass
+class Batch:
+    """One bucket's compressed tensors as the transports see them.
+
+    ``outs[t]`` receives the sum over ranks of tensor ``t``'s decoded payloads (fp32, flat).
+    ``seed_of(t, j)`` seeds the compression of shard ``j`` of tensor ``t`` (``j`` is 0 when
+    tensors are not sharded); for ``shared_randomness`` compressors it is the same on every
+    rank, and decoding reads it.
+    """
+
+    compressor: Compressor
+    numels: list[int]
+    outs: list[torch.Tensor]
+    seed_of: Callable[[int, int], int]
+    device: torch.device
+
+
+class Transport:
+    """Base of the three transports: a bucket's tensors in, every rank's sum out."""
+
+    passes = 1
+
+    def __init__(self, comm: Collectives, batch: Batch):
+        self.comm = comm
+        self.batch = batch
+        self.layout = Layout.of(batch.compressor, batch.numels)
+
+    def new_wire(self) -> torch.Tensor:
+        """A zeroed wire buffer this transport sends."""
+        return torch.zeros(self.layout.total, dtype=self.batch.compressor.payload_dtype, device=self.batch.device)
+
+    def encode(self, wire, xs, residuals, residuals_out, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress every tensor into ``wire``; ``(sum ||v||^2, sum ||v - C(v)||^2)`` (0-d tensors)."""
+        seeds = [self.batch.seed_of(t, 0) for t in range(len(xs))]
+        return self.batch.compressor.encode_batch(
+            xs, residuals, residuals_out, wire, self.layout.offsets, seeds=seeds, scale=scale
+        )
+
+    def set_flag(self, wire: torch.Tensor, finite: torch.Tensor) -> None:
+        """Write this rank's flag from ``finite`` (a 0-d bool tensor; no host sync)."""
+        if wire.dtype == torch.uint8:
+            wire[self.layout.flag] = torch.logical_not(finite).to(torch.uint8)
+        else:  # a summable wire: NaN in the trailing element poisons the sum on every rank
+            wire[self.layout.flag] = torch.where(finite, 0.0, float("nan")).to(wire.dtype)
+
+    def launch(self, wire: torch.Tensor) -> torch.futures.Future:
+        """Issue the (first) collective (hook thread)."""
+        raise NotImplementedError
+
+    def finish(self) -> bool:
+        """Decode into ``batch.outs`` after the last collective; False: some rank's data was not finite."""
+        raise NotImplementedError
+
+    def _decode_seeds(self) -> list[int]:
+        return [self.batch.seed_of(t, 0) for t in range(len(self.batch.numels))]
+
+
+class AllReduceTransport(Transport):
+    """Summable payloads: one allreduce of the wire; a trailing element carries the inf/NaN flag."""
+
+    def launch(self, wire):
+        self.wire = wire
+        return self.comm.allreduce_async(wire)
+
+    def finish(self) -> bool:
+        if not bool(torch.isfinite(self.wire[self.layout.flag])):
+            return False
+        self.batch.compressor.decode_batch([self.wire], self.layout.offsets, self.batch.outs, self._decode_seeds())
+        return True
+
+
+class AllGatherTransport(Transport):
+    """Any payload: all_gather the wire; every rank decodes and sums every rank's payloads."""
+
+    def launch(self, wire):
+        self.gathered, fut = self.comm.all_gather_async(wire)
+        return fut
+
+    def finish(self) -> bool:
+        if bool(self.gathered[:, self.layout.flag].any()):
+            return False
+        wires = list(self.gathered.unbind(0))
+        self.batch.compressor.decode_batch(wires, self.layout.offsets, self.batch.outs, self._decode_seeds())
+        return True
+
+
+class TwoPassTransport(Transport):
+    """Sharded aggregation: rank r sums shard r of every tensor, then all ranks gather the sums.
+
+    Pass 1 (all_to_all): each tensor is cut into ``world`` shards (:func:`shard_bounds`), each
+    compressed on its own; row ``j`` of the wire (one row per destination rank) holds shard
+    ``j`` of every tensor, and rank ``r`` receives every rank's shard ``r``. Pass 2
+    (all_gather): with a server error (DoubleSqueeze), rank ``r`` sums the decoded shards,
+    adds its server error, compresses that and keeps the new server error; without one the
+    shard sum travels in fp32. Every row and every pass carries its sender's flag.
+    """
+
+    passes = 2
+
+    def __init__(self, comm, batch, *, server_memory: list[torch.Tensor] | None, server_seed: Callable[[int, int], int]):
+        super().__init__(comm, batch)
+        n, comp = comm.world_size, batch.compressor
+        self.server_memory = server_memory  # this rank's server error per tensor (DoubleSqueeze), or None
+        self.server_seed = server_seed  # (tensor, shard) -> seed of the server compression, the same on every rank
+        self.bounds = [[shard_bounds(m, n, j) for j in range(n)] for m in batch.numels]
+        # Pass 1 rows: shard j of every tensor, laid out the same way in every row (padded to the longest).
+        rows = [wire_layout([comp.payload_nbytes(b[j][1] - b[j][0]) for b in self.bounds]) for j in range(n)]
+        self.row_offsets = [offsets for offsets, _ in rows]
+        self.row_flag = max(end for _, end in rows)
+        self.row_bytes = self.row_flag + WIRE_ALIGN
+        # Pass 2: this rank's shard of every tensor, compressed (DoubleSqueeze) or fp32; the longest row.
+        longest = [max(b[j][1] - b[j][0] for j in range(n)) for b in self.bounds]
+        row2 = [comp.payload_nbytes(m) if server_memory is not None else 4 * m for m in longest]
+        self.second_offsets, end = wire_layout(row2)
+        self.second_flag, self.second_bytes = end, end + WIRE_ALIGN
+        self.new_server: list[torch.Tensor] = []
+
+    def new_wire(self) -> torch.Tensor:
+        return torch.zeros(self.comm.world_size, self.row_bytes, dtype=torch.uint8, device=self.batch.device)
+
+    def encode(self, wire, xs, residuals, residuals_out, scale):
+        n, T = self.comm.world_size, len(xs)
+        cut = lambda ts: [None if t is None else t[b[j][0] : b[j][1]] for j in range(n) for t, b in zip(ts, self.bounds)]
+        offsets = [j * self.row_bytes + self.row_offsets[j][t] for j in range(n) for t in range(T)]
+        seeds = [self.batch.seed_of(t, j) for j in range(n) for t in range(T)]
+        return self.batch.compressor.encode_batch(
+            cut(xs), cut(residuals), cut(residuals_out), wire.view(-1), offsets, seeds=seeds, scale=scale
+        )
+
+    def set_flag(self, wire, finite) -> None:
+        wire[:, self.row_flag] = torch.logical_not(finite).to(torch.uint8)
+
+    def launch(self, wire):
+        self.received, fut = self.comm.all_to_all_async(wire)
+        return fut
+
+    def first_ok(self) -> bool:
+        """Every rank's pass-1 data was finite (read after pass 1 completed)."""
+        return not bool(self.received[:, self.row_flag].any())
+
+    def launch_second(self) -> torch.futures.Future:
+        """Server step on this rank's shards and the all_gather of the results (hook thread)."""
+        comp, r, device = self.batch.compressor, self.comm.rank, self.batch.device
+        rows = list(self.received.unbind(0))
+        wire = torch.zeros(self.second_bytes, dtype=torch.uint8, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        for i, (b, off) in enumerate(zip(self.bounds, self.second_offsets)):
+            lo, hi = b[r]
+            m = hi - lo
+            parts = [comp.payload_in(row, self.row_offsets[r][i], m) for row in rows]
+            seeds = [self.batch.seed_of(i, r)] * len(parts)
+            if self.server_memory is not None:
+                err_out = torch.empty(m, dtype=torch.float32, device=device)
+                q = comp.server_compress(parts, seeds, self.server_memory[i], err_out, self.server_seed(i, r))
+                self.new_server.append(err_out)
+                payload = q.payload.reshape(-1).view(torch.uint8)
+                finite &= torch.isfinite(q.norm_sq)
+            else:
+                total = wire[off : off + 4 * m].view(torch.float32)
+                comp.decode_add_many_(parts, total.zero_(), seeds)
+                payload = None
+                finite &= torch.isfinite(total).all()
+            if payload is not None:
+                wire[off : off + payload.numel()].copy_(payload)
+        wire[self.second_flag] = torch.logical_not(finite).to(torch.uint8)
+        self.gathered, fut = self.comm.all_gather_async(wire)
+        return fut
+
+    def finish(self) -> bool:
+        if bool(self.gathered[:, self.second_flag].any()):
+            return False
+        comp = self.batch.compressor
+        for j, row in enumerate(self.gathered.unbind(0)):
+            for i, (b, off, out) in enumerate(zip(self.bounds, self.second_offsets, self.batch.outs)):
+                lo, hi = b[j]
+                if hi == lo:
+                    continue
+                piece = out[lo:hi]
+                if self.server_memory is not None:
+                    payload = comp.payload_in(row, off, hi - lo)
+                    comp.decode_add_many_([payload], piece.zero_(), [self.server_seed(i, j)])
+                else:
+                    piece.copy_(row[off : off + 4 * (hi - lo)].view(torch.float32))
+        return True
+
+
+TRANSPORTS: dict[str, type[Transport]] = {
+    "allreduce": AllReduceTransport,
+    "allgather": AllGatherTransport,
+    "two_pass": TwoPassTransport,
+}
+
+
+def send_encoded(
+    kind: str,
     comm: Collectives,
     compressor: Compressor,
-    sources: Sequence[Source],
+    payloads: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor],
     seeds: Sequence[int],
     local_finite: bool,
-    *,
-    server_memory: Sequence[torch.Tensor] | None,
-    shard_seed: Callable[[int, int], int],
-    server_seed: Callable[[int, int], int],
-) -> Exchange:
-    """Sharded aggregation: rank r aggregates shard r of every tensor, then all ranks gather.
+) -> bool:
+    """Exchange payloads encoded elsewhere (``allreduce`` or ``allgather``) and wait; False: not finite.
 
-    Pass 1 (all_to_all): each tensor is cut into ``world`` equal shards (the last one padded
-    with zeros), each compressed on its own; rank r receives every rank's shard r. Pass 2
-    (all_gather): with ``server_memory`` (DoubleSqueeze), rank r sums the decoded shards, adds
-    its server error, compresses that and keeps the new server error (one fused step, see
-    :meth:`Compressor.server_compress`); without it the shard sum travels dense in fp32.
-
-    ``shard_seed(i, j)`` seeds shard ``j`` of tensor ``i`` on this rank; ``server_seed(i, r)``
-    seeds the server compression of shard ``r`` (the same on every rank, so all can decode it).
+    ``outs[t]`` receives the sum over ranks of tensor ``t``'s decoded payloads.
     """
-    n, rank, device = comm.world_size, comm.rank, sources[0].x.device
-    sizes = [shard_size(s.numel(), n) for s in sources]
-    payloads, encoded = [], []
-    for i, (src, s) in enumerate(zip(sources, sizes)):
-        shards = torch.nn.functional.pad(src.value(), (0, s * n - src.numel())).view(n, s)
-        errors = None if src.error_out is None else torch.empty(n, s, device=device)
-        row = [
-            compressor.compress(shards[j], seed=shard_seed(i, j), residual_out=None if errors is None else errors[j])
-            for j in range(n)
-        ]
-        if errors is not None:
-            src.error_out.copy_(errors.view(-1)[: src.numel()])
-        payloads.append([e.payload for e in row])
-        encoded.extend(row)
-    flag = _flag(local_finite, device)
-    chunks = [torch.cat([*(ps[j].view(torch.uint8) for ps in payloads), flag]) for j in range(n)]
-    received = comm.all_to_all(chunks)
-    if any(int(c[-1]) for c in received):
-        return Exchange(finite=False)
-
-    part_sizes = [ps[0].numel() * ps[0].element_size() for ps in payloads]
-    per_rank = [_split_sizes(c[:-1], part_sizes) for c in received]
-    new_server: list[torch.Tensor] = []
-    outgoing = []
-    for i, s in enumerate(sizes):
-        parts = [bytes_as(parts_j[i], compressor.payload_dtype) for parts_j in per_rank]
-        # Only shared-randomness compressors read the seed in decode, and theirs is rank independent.
-        seeds_in = [shard_seed(i, rank)] * n
-        if server_memory is not None:
-            err_out = torch.empty(s, dtype=torch.float32, device=device)
-            q = compressor.server_compress(parts, seeds_in, server_memory[i], err_out, server_seed(i, rank))
-            new_server.append(err_out)
-            outgoing.append(q.payload.view(torch.uint8))
-        else:
-            total = compressor.decode_add_many_(parts, torch.zeros(s, dtype=torch.float32, device=device), seeds_in)
-            outgoing.append(total.view(torch.uint8))
-    gathered = comm.all_gather(torch.cat(outgoing))
-    out_sizes = [o.numel() for o in outgoing]
-    aggregates = []
-    for i, (src, s) in enumerate(zip(sources, sizes)):
-        pieces = []
-        for j, wire_j in enumerate(gathered):
-            part = _split_sizes(wire_j, out_sizes)[i]
-            if server_memory is not None:
-                pieces.append(compressor.decode(bytes_as(part, compressor.payload_dtype), s, server_seed(i, j)))
-            else:
-                pieces.append(bytes_as(part, torch.float32))
-        aggregates.append(torch.cat(pieces)[: src.numel()])
-    return Exchange(True, aggregates, new_server, **_totals(encoded))
-
-
-_EXCHANGES = {"allreduce": exchange_allreduce, "allgather": exchange_allgather, "two_pass": exchange_two_pass}
-
-
-def exchange(kind: str, comm: Collectives, compressor: Compressor, sources, seeds, local_finite: bool, **kwargs) -> Exchange:
-    """Run the transport called ``kind`` over ``sources`` (one :class:`Source` per parameter)."""
-    return _EXCHANGES[kind](comm, compressor, sources, seeds, local_finite, **kwargs)
+    if kind not in ("allreduce", "allgather"):
+        raise ValueError(f"already encoded payloads travel by allreduce or allgather, not {kind!r}")
+    device = outs[0].device
+    batch = Batch(compressor, [o.numel() for o in outs], list(outs), lambda t, _: seeds[t], device)
+    transport = TRANSPORTS[kind](comm, batch)
+    wire = transport.new_wire()
+    for payload, offset in zip(payloads, transport.layout.offsets):
+        flat = payload.reshape(-1)
+        wire[offset : offset + flat.numel()].copy_(flat)
+    transport.set_flag(wire, torch.tensor(local_finite, device=device))
+    transport.launch(wire).wait()
+    return transport.finish()

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lightning_compress import COMPRESSORS, FEEDBACKS, CompressionConfig, register_compression
 from lightning_compress.hook import get_compression_state
+from lightning_compress.compressors.base import WIRE_ALIGN
 from tests._dist import gather_flat, run_distributed
 
 # Small blocks and min_numel so that the small test model is compressed.
@@ -120,10 +121,12 @@ def _wire_bytes_worker(rank, world):
     compressed = [p for p in model.parameters() if p.dim() > 1 and p.numel() >= 64]
     dense = [p for p in model.parameters() if not (p.dim() > 1 and p.numel() >= 64)]
     payload = sum(comp.payload_nbytes(p.numel()) for p in compressed)
-    # allgather of the payloads + one flag byte per bucket (each bucket here holds a weight),
-    # and a dense allreduce of the 1-D rest
+    # allgather of the payloads, each padded to WIRE_ALIGN bytes, plus WIRE_ALIGN bytes for the
+    # flag per bucket (each bucket here holds one weight), and a dense allreduce of the 1-D rest
     assert state.stats.buckets_last_step >= 3
-    expected = payload + state.stats.buckets_last_step + 4 * sum(p.numel() for p in dense)
+    padded = sum(-(-comp.payload_nbytes(p.numel()) // WIRE_ALIGN) * WIRE_ALIGN for p in compressed)
+    assert padded - payload < WIRE_ALIGN * len(compressed)
+    expected = padded + WIRE_ALIGN * state.stats.buckets_last_step + 4 * sum(p.numel() for p in dense)
     assert state.stats.bytes_last_step == expected
     assert state.stats.dense_bytes_last_step == 4 * sum(p.numel() for p in model.parameters())
     # sign: about 1 + 32/block bits per compressed element

@@ -24,6 +24,7 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lightning_compress import CompressionConfig, register_compression
+from lightning_compress.transport import shard_bounds, shard_size
 from tests._dist import run_distributed
 
 GAMMA = 0.1
@@ -120,8 +121,14 @@ def _check_ef_iterate(rank, world, compressor, feedback):
             if feedback == "doublesqueeze":
                 numel = p.numel()
                 shard = state.server_memory[n]
-                assert shard.numel() == -(-numel // world) and shard.dtype == torch.float32
-                delta = torch.cat([s.double() for s in all_gather(shard)])[:numel]  # padding dropped
+                lo, hi = shard_bounds(numel, world, rank)
+                assert shard.numel() == hi - lo and shard.dtype == torch.float32
+                # Shards of different ranks may differ in length: pad to gather, then drop the padding.
+                padded = torch.nn.functional.pad(shard, (0, shard_size(numel, world) - shard.numel()))
+                bounds = [shard_bounds(numel, world, j) for j in range(world)]
+                pieces = [s[: b - a] for s, (a, b) in zip(all_gather(padded), bounds)]
+                delta = torch.cat([s.double() for s in pieces])
+                assert delta.numel() == numel
                 memory = memory + delta
             lhs = p.detach().double().reshape(-1) - GAMMA * memory
             err = float((lhs - dense[n]).abs().max())

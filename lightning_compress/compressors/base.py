@@ -10,7 +10,24 @@ import torch
 
 from kernels._blocks import num_blocks
 
-__all__ = ["Compressor", "Encoded", "pack_parts", "split_parts", "num_blocks", "bytes_as"]
+__all__ = ["Compressor", "Encoded", "pack_parts", "split_parts", "num_blocks", "bytes_as", "WIRE_ALIGN", "wire_layout"]
+
+#: Every payload in a wire buffer starts at a multiple of this many bytes, so its fp32 and
+#: int32 parts can be viewed in place (no copy) on every rank's part of a gathered buffer.
+WIRE_ALIGN = 8
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // WIRE_ALIGN) * WIRE_ALIGN
+
+
+def wire_layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
+    """``(offsets, total)`` of payloads of ``nbytes`` laid out back to back, each aligned."""
+    offsets, at = [], 0
+    for size in nbytes:
+        offsets.append(at)
+        at += _aligned(size)
+    return offsets, at
 
 
 def pack_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -61,6 +78,12 @@ class Compressor(ABC):
             decodes to the sum of the decoded payloads.
         shared_randomness: the seed must be the same on every rank (rand-k indices).
         payload_dtype: dtype of the payload tensor (``uint8`` for packed layouts).
+        fused_scale: :meth:`encode_batch` applies its ``scale`` inside the kernel; other
+            compressors get inputs already scaled (``scale`` 1).
+
+    The hook uses the batch pair: :meth:`encode_batch` writes every tensor's payload of a
+    bucket into one wire buffer, :meth:`decode_batch` sums every rank's payloads into the
+    outputs. The per-tensor methods below define what they mean.
     """
 
     name: ClassVar[str]
@@ -68,6 +91,8 @@ class Compressor(ABC):
     summable: ClassVar[bool] = False
     shared_randomness: ClassVar[bool] = False
     payload_dtype: ClassVar[torch.dtype] = torch.uint8
+    #: :meth:`encode_batch` reads fp32 inputs scaled by ``scale`` itself (one pass, no copy)
+    fused_scale: ClassVar[bool] = False
 
     def __init__(self, *, density: float = 1.0, bits: int = 8, block_size: int = 1024, sample_fraction: float = 0.01):
         self.density = density
@@ -148,6 +173,68 @@ class Compressor(ABC):
         if residual_out is not None:
             residual_out.copy_(error)
         return Encoded(payload, torch.dot(v, v), torch.dot(error, error))
+
+    # ----- a bucket's tensors at once (what the hook calls) ---------------------------------
+    def encode_batch(
+        self,
+        xs: Sequence[torch.Tensor],
+        residuals: Sequence[torch.Tensor | None],
+        residuals_out: Sequence[torch.Tensor | None],
+        wire: torch.Tensor,
+        offsets: Sequence[int],
+        *,
+        seeds: Sequence[int],
+        scale: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode every ``v_t = scale * xs[t] + residuals[t]`` into ``wire`` at ``offsets[t]``.
+
+        ``wire`` is a flat buffer of ``payload_dtype`` elements (uint8 for packed layouts) and
+        offsets count its elements. ``residuals_out[t]`` (if given) receives ``v_t - C(v_t)``.
+        Returns ``(sum ||v_t||^2, sum ||v_t - C(v_t)||^2)`` as 0-d float64 tensors on the wire's
+        device, without a host sync. The first is NaN when some value of a ``v_t``, or a scale or
+        norm the payload carries, is not finite: the hook then sends the bucket densely. Sums
+        of squares that overflow fp32 where the values do not are saturated instead. Only
+        ``fused_scale`` compressors take ``scale != 1``.
+        """
+        if scale != 1.0 and not self.fused_scale:
+            raise ValueError(f"{type(self).__name__} takes inputs already scaled (scale 1); got scale={scale}")
+        top = torch.finfo(torch.float32).max
+        norm = torch.zeros((), dtype=torch.float64, device=wire.device)
+        err = torch.zeros((), dtype=torch.float64, device=wire.device)
+        for x, residual, out, offset, seed in zip(xs, residuals, residuals_out, offsets, seeds):
+            # A payload of a non-finite v (or residual) is not sent: NaN marks it, whatever the norm.
+            finite = torch.isfinite(x).all() if residual is None else torch.isfinite(x).all() & torch.isfinite(residual).all()
+            enc = self.compress(x, residual, seed=seed, residual_out=out)
+            payload = enc.payload.reshape(-1)
+            if wire.dtype != payload.dtype:  # a packed (uint8) wire carrying fp32 or fp16 payloads
+                payload = payload.view(wire.dtype)
+            wire[offset : offset + payload.numel()].copy_(payload)
+            norm_t = enc.norm_sq.double().clamp(max=top)
+            norm += torch.where(finite, norm_t, torch.full_like(norm_t, float("nan")))
+            err += enc.err_sq.double().clamp(max=top)
+        return norm, err
+
+    def decode_batch(
+        self,
+        wires: Sequence[torch.Tensor],
+        offsets: Sequence[int],
+        outs: Sequence[torch.Tensor],
+        seeds: Sequence[int],
+    ) -> None:
+        """``outs[t] = sum_r decode(wires[r] at offsets[t])`` (fp32, flat; old contents ignored).
+
+        ``seeds[t]`` is tensor ``t``'s decode seed (read only by ``shared_randomness``
+        compressors, the same on every rank). Payloads are added in rank order.
+        """
+        for out, offset, seed in zip(outs, offsets, seeds):
+            parts = [self.payload_in(w, offset, out.numel()) for w in wires]
+            self.decode_add_many_(parts, out.zero_(), [seed] * len(parts))
+
+    def payload_in(self, wire: torch.Tensor, offset: int, numel: int) -> torch.Tensor:
+        """The payload of a ``numel``-element input at ``offset`` of ``wire`` (elements of the wire's dtype)."""
+        if wire.dtype == self.payload_dtype:
+            return wire[offset : offset + self.payload_numel(numel)]
+        return bytes_as(wire[offset : offset + self.payload_nbytes(numel)], self.payload_dtype)
 
     def server_compress(
         self,

@@ -15,7 +15,7 @@ from kernels import pack_bits, packed_nbytes, unpack_bits
 from kernels._blocks import as_blocks as _blocks
 from kernels._blocks import block_lengths as _block_lengths
 from kernels.qsgd import qsgd_decode_add, qsgd_encode
-from kernels.sign import sign_decode_add, sign_ef, sign_server_step
+from kernels.sign import block_stats, sign_decode_add, sign_decode_multi, sign_ef, sign_ef_multi, sign_server_step
 from lightning_compress.compressors.base import Compressor, Encoded, num_blocks, pack_parts, split_parts
 
 __all__ = ["SignCompressor", "QSGDCompressor", "TernGradCompressor", "NaturalCompressor"]
@@ -34,6 +34,7 @@ class SignCompressor(_BlockQuantizer):
     """
 
     name = "sign"
+    fused_scale = True
 
     def payload_numel(self, numel: int) -> int:
         return 4 * num_blocks(numel, self._block(numel)) + packed_nbytes(numel, 1)
@@ -48,10 +49,10 @@ class SignCompressor(_BlockQuantizer):
         return [(num_blocks(numel, self._block(numel)), torch.float32), (packed_nbytes(numel, 1), torch.uint8)]
 
     def _encoded(self, code, numel: int) -> Encoded:
-        # ||v - C(v)||^2 = sum_b (||v_b||^2 - len_b * scale_b^2), since scale_b = ||v_b||_1 / len_b.
-        lengths = _block_lengths(numel, self._block(numel), code.scales.device)
-        err = (code.sq - lengths * code.scales * code.scales).clamp_(min=0).sum()
-        return Encoded(pack_parts([code.scales, code.packed]), code.sq.sum(), err)
+        # ||v - C(v)||^2 = sum_b (||v_b||^2 - len_b * scale_b^2), since scale_b = ||v_b||_1 / len_b;
+        # NaN where a block is not finite (see kernels.sign.block_stats).
+        sq, err = block_stats(code, numel, self._block(numel))
+        return Encoded(pack_parts([code.scales, code.packed]), sq.double().sum(), err.double().sum())
 
     def compress(self, x, residual=None, *, seed=0, residual_out=None) -> Encoded:
         code = sign_ef(x, residual, block=self._block(x.numel()), residual_out=residual_out)
@@ -69,6 +70,14 @@ class SignCompressor(_BlockQuantizer):
 
     def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         return self.decode_add_many_([payload], out)
+
+    def encode_batch(self, xs, residuals, residuals_out, wire, offsets, *, seeds, scale=1.0):
+        blocks = [self._block(x.numel()) for x in xs]
+        sq, err = sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks=blocks, scale=scale)
+        return sq.double().sum(), err.double().sum()
+
+    def decode_batch(self, wires, offsets, outs, seeds) -> None:
+        sign_decode_multi(wires, offsets, outs, blocks=[self._block(o.numel()) for o in outs], assign=True)
 
     def server_compress(self, payloads, seeds, server_error, server_error_out, seed) -> Encoded:
         numel = server_error.numel()

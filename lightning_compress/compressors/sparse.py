@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kernels.topk import scatter_add, topk_ef
+from kernels.topk import scatter_add, sparse_decode_multi, topk_ef, topk_ef_multi
 from lightning_compress.compressors.base import Compressor, Encoded, pack_parts, split_parts
 
 __all__ = ["TopKCompressor", "DGCCompressor", "RandKCompressor"]
@@ -50,11 +50,23 @@ class _IndexedSparse(Compressor):
         parts = [self._split(p, out.numel()) for p in payloads]
         return scatter_add([v for v, _ in parts], [i for _, i in parts], out)
 
+    def decode_batch(self, wires, offsets, outs, seeds) -> None:
+        sparse_decode_multi(wires, offsets, [self.k(o.numel()) for o in outs], outs, assign=True)
+
 
 class TopKCompressor(_IndexedSparse):
     """Keep the ``k = ceil(density * n)`` entries of largest magnitude. Biased, alpha = k/n."""
 
     name = "topk"
+    fused_scale = True
+
+    def encode_batch(self, xs, residuals, residuals_out, wire, offsets, *, seeds, scale=1.0):
+        ks = [self.k(x.numel()) for x in xs]
+        sq, err = topk_ef_multi(
+            xs, residuals, residuals_out, ks, wire, offsets,
+            scale=scale, seeds=seeds, sample_fraction=self.sample_fraction,
+        )  # fmt: skip
+        return sq.double().sum(), err.double().sum()
 
     def compress(self, x, residual=None, *, seed=0, residual_out=None) -> Encoded:
         # The exact top-k, found through a sampled threshold (see kernels.topk); indices ascending.

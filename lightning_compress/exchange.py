@@ -1,0 +1,261 @@
+"""One step's bucket exchanges in flight: launched by the hook, finished by callbacks.
+
+The DDP hook hands every bucket to a *flight* and returns the flight's future at once, so
+the backward pass (and the next buckets' compression) goes on while the bucket travels:
+
+1. ``launch`` (hook thread): compress the bucket's tensors into one wire buffer in a fused
+   pass per tensor (``v = grad / world + memory``, payload and new memory written together),
+   note non-finite values from the compressor's own sums, and issue the collective with
+   ``async_op=True``; the tensors that stay dense go in one allreduce beside it.
+2. ``finish`` (the collective's completion callback): read every rank's flag; if all are
+   finite, decode and sum the payloads straight into the bucket, write the dense tensors
+   back, commit the new memory, and complete the future DDP waits on. A callback never issues
+   a collective.
+3. The two-pass transport's second collective (and DoubleSqueeze's server step) is issued by
+   the hook thread too: by the next bucket's hook call, or by the last one.
+4. The last bucket's hook call *drains* the step: it issues what is left, waits for every
+   flight, and, in bucket order, averages densely every bucket some rank could not send
+   finite (memory untouched), so every rank issues the same collectives in the same order.
+
+Memory is only ever written in ``finish`` after every rank's data was seen finite, into
+buffers that become the memory only then; a failed bucket leaves it exactly as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from lightning_compress.transport import Batch, Collectives, Transport, TRANSPORTS, TwoPassTransport, done_future
+
+if TYPE_CHECKING:
+    from lightning_compress.state import CompressionState
+
+__all__ = ["Flight", "DenseFlight", "CompressedFlight", "StepPipeline"]
+
+
+class Flight:
+    """One bucket on its way. ``result`` is what the hook returns to DDP."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.result: torch.futures.Future = torch.futures.Future()
+        self.done: torch.futures.Future = done_future(None)  # completes after the last callback ran
+        self.failed = False  # some rank's data was not finite: the drain averages it densely
+        self.hook_seconds = 0.0
+        self.callback_seconds = 0.0
+        self.norm_sq: torch.Tensor | None = None
+        self.err_sq: torch.Tensor | None = None
+
+    def issue_next(self) -> float:
+        """Issue a pending later collective, if any (hook thread); returns seconds waited."""
+        return 0.0
+
+    def fallback(self, comm: Collectives, world_size: int) -> None:
+        """Average the untouched bucket densely and complete the result (hook thread, waits)."""
+        self.buffer.div_(world_size)
+        comm.allreduce_(self.buffer)
+        self.result.set_result(self.buffer)
+
+
+class DenseFlight(Flight):
+    """Warm-up, or a bucket with nothing to compress: DDP's own average, asynchronously."""
+
+    def __init__(self, comm: Collectives, buffer: torch.Tensor, world_size: int):
+        super().__init__(buffer)
+        # Divide first, as DDP's default hook does, so low-precision buckets do not overflow.
+        buffer.div_(world_size)
+        self.result = comm.allreduce_async(buffer).then(lambda _: buffer)
+        self.done = self.result
+
+
+class CompressedFlight(Flight):
+    """A bucket with compressible tensors: the fused compress, the transport, the commit."""
+
+    def __init__(self, state: CompressionState, params, grads, chosen: list[int], buffer: torch.Tensor):
+        super().__init__(buffer)
+        start = time.perf_counter()
+        self.state = state
+        world, comp, fb = state.world_size, state.compressor, state.feedback
+        self.names = [state.param_names[id(params[i])] for i in chosen]
+        flat = [grads[i].reshape(-1) for i in chosen]
+        self.grads = flat
+        device = buffer.device
+        numels = [g.numel() for g in flat]
+        self.mems = [state.memory_for(name, n, device) for name, n in zip(self.names, numels)]
+
+        # x = grad / world: read in place by compressors that fuse the scale, else widened and scaled.
+        fused = comp.fused_scale and all(g.dtype == torch.float32 and g.is_contiguous() for g in flat)
+        if fused:
+            xs, scale = flat, 1.0 / world
+        else:
+            xs = [self._scaled(name, g, world) for name, g in zip(self.names, flat)]
+            scale = 1.0
+        # Feedback: EF-like schemes hand (x, e) to the fused kernel; EF21/DIANA compress x - shift.
+        if fb.fused_residual:
+            residuals = [m[fb.memory_keys[0]] for m in self.mems] if fb.memory_keys else [None] * len(xs)
+            self.vs = [None] * len(xs)
+        else:
+            if fused:  # the shift is subtracted from x itself: x must exist
+                xs = [self._scaled(name, g, world) for name, g in zip(self.names, flat)]
+                scale = 1.0
+            self.vs = [
+                torch.sub(x, fb.shift(m), out=state.scratch(name, "v", x.numel(), device))
+                for name, x, m in zip(self.names, xs, self.mems)
+            ]
+            xs, residuals = self.vs, [None] * len(xs)
+        self.errors = [state.scratch(name, "error", n, device) if fb.memory_keys else None
+                       for name, n in zip(self.names, numels)]  # fmt: skip
+        # Where the sum over ranks goes: straight into the bucket when that is the result.
+        self.direct = fb.direct_result and all(g.dtype == torch.float32 and g.is_contiguous() for g in flat)
+        outs = flat if self.direct else [state.scratch(name, "agg", n, device) for name, n in zip(self.names, numels)]
+
+        batch = Batch(comp, numels, outs, self._seed_of, device)
+        self.transport = _make_transport(state, batch, self.names)
+        wire = self.transport.new_wire()
+        self.norm_sq, self.err_sq = self.transport.encode(wire, xs, residuals, self.errors, scale)
+        finite = torch.isfinite(self.norm_sq)
+
+        # The tensors that stay dense (1-D, small) travel in one allreduce beside the payloads.
+        chosen_set = set(chosen)
+        self.rest = [g for i, g in enumerate(grads) if i not in chosen_set]
+        futures = []
+        if self.rest:
+            self.rest_flat = torch.cat([g.reshape(-1) for g in self.rest])
+            finite = finite & torch.isfinite(self.rest_flat).all()
+            self.rest_flat.div_(world)
+            futures.append(state.collectives.allreduce_async(self.rest_flat))
+        self.transport.set_flag(wire, finite)
+        futures.append(self.transport.launch(wire))
+        first = torch.futures.collect_all(futures)
+        if self.transport.passes == 1:
+            self.done = first.then(self._finish)
+            self._pending = None
+        else:
+            self._pending = first
+        self.hook_seconds = time.perf_counter() - start
+
+    # ----- helpers --------------------------------------------------------------------------
+    def _scaled(self, name: str, g: torch.Tensor, world: int) -> torch.Tensor:
+        x = self.state.scratch(name, "x", g.numel(), g.device)
+        if g.dtype == torch.float32:
+            return torch.mul(g, 1.0 / world, out=x)
+        return x.copy_(g).mul_(1.0 / world)  # low precision: widen first, then scale in fp32
+
+    def _seed_of(self, t: int, shard: int) -> int:
+        state = self.state
+        pick = state.seed if state.compressor.shared_randomness else state.rank_seed
+        return pick(self.names[t], shard)
+
+    # ----- later passes (hook thread) -----------------------------------------------------------
+    def issue_next(self) -> float:
+        if self._pending is None:
+            return 0.0
+        start = time.perf_counter()
+        self._pending.wait()
+        waited = time.perf_counter() - start
+        self._pending = None
+        transport: TwoPassTransport = self.transport  # type: ignore[assignment]
+        if not transport.first_ok():
+            self.failed = True
+            return waited
+        t0 = time.perf_counter()
+        second = transport.launch_second()
+        self.done = second.then(self._finish)
+        self.hook_seconds += time.perf_counter() - t0
+        return waited
+
+    # ----- completion (callback thread) ---------------------------------------------------------
+    def _finish(self, fut: torch.futures.Future) -> None:
+        start = time.perf_counter()
+        try:
+            fut.wait()  # re-raises a failed collective
+            if not self.transport.finish():
+                self.failed = True
+                return
+            self._commit()
+            self.result.set_result(self.buffer)
+        except BaseException as exc:
+            if not self.result.done():
+                self.result.set_exception(exc)
+            raise
+        finally:
+            self.callback_seconds += time.perf_counter() - start
+
+    def _commit(self) -> None:
+        state, fb = self.state, self.state.feedback
+        if self.rest:
+            for g, piece in zip(self.rest, torch.split(self.rest_flat, [g.numel() for g in self.rest])):
+                g.copy_(piece.view_as(g))
+        server = getattr(self.transport, "new_server", None)
+        for t, (name, grad, mem, out) in enumerate(zip(self.names, self.grads, self.mems, self.transport.batch.outs)):
+            if not self.direct:
+                result, shared = fb.result(out, mem)
+                grad.copy_(result)
+                mem.update(shared)
+            error = self.errors[t]
+            update = fb.worker_update(self.vs[t], error, mem)
+            for key, tensor in update.items():
+                if tensor is error:  # the error buffer becomes memory: the old memory is the next buffer
+                    state.give_scratch(name, "error", mem[key])
+            mem.update(update)
+            if server:
+                state.server_memory[name] = server[t]
+
+
+def _make_transport(state: CompressionState, batch: Batch, names: list[str]) -> Transport:
+    kind = state.transport
+    if kind != "two_pass":
+        return TRANSPORTS[kind](state.collectives, batch)
+    server = None
+    if state.config.feedback == "doublesqueeze":
+        server = []
+        for name, numel in zip(names, batch.numels):
+            lo, hi = _my_shard(numel, state.world_size, state.rank)
+            mem = state.server_memory.get(name)
+            server.append(mem if mem is not None and mem.numel() == hi - lo else torch.zeros(hi - lo, device=batch.device))
+    return TwoPassTransport(
+        state.collectives, batch, server_memory=server,
+        server_seed=lambda i, r: state.seed(names[i], state.world_size + r),
+    )  # fmt: skip
+
+
+def _my_shard(numel: int, world: int, rank: int) -> tuple[int, int]:
+    from lightning_compress.transport import shard_bounds
+
+    return shard_bounds(numel, world, rank)
+
+
+class StepPipeline:
+    """The flights of the current step, in bucket order."""
+
+    def __init__(self) -> None:
+        self.flights: list[Flight] = []
+
+    def add(self, flight: Flight) -> float:
+        """Take a just-launched flight, then issue the earlier ones' later passes; returns seconds waited."""
+        waited = 0.0
+        for earlier in self.flights:
+            waited += earlier.issue_next()
+        self.flights.append(flight)
+        return waited
+
+    def reset(self) -> None:
+        """Forget flights of a step that never finished (its backward pass raised)."""
+        self.flights = []
+
+    def drain(self, state: CompressionState) -> None:
+        """Finish the step: issue what is left, wait for every flight, fall back densely in order."""
+        flights, self.flights = self.flights, []
+        start = time.perf_counter()
+        for f in flights:
+            f.issue_next()
+        for f in flights:
+            f.done.wait()  # re-raises what a callback raised
+        for f in flights:
+            if f.failed:
+                f.fallback(state.collectives, state.world_size)
+        wait = time.perf_counter() - start
+        state.record_flights(flights, wait)
