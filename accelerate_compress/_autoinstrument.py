@@ -21,7 +21,8 @@ def install() -> bool:
     adaptive = adaptive_from_env()
     from accelerate import Accelerator
 
-    from accelerate_compress.adapter import enable  # now: the script's folder replaces sys.path[0] later
+    # now: the script's folder replaces sys.path[0] later
+    from accelerate_compress.adapter import _ENABLED, attach_prepared_optimizer, enable
 
     original = Accelerator.prepare_model
     if getattr(original, "_accelerate_compress", False):
@@ -36,5 +37,17 @@ def install() -> bool:
 
     prepare_model._accelerate_compress = True  # type: ignore[attr-defined]
     Accelerator.prepare_model = prepare_model
+
+    # prepare() takes models before optimizers: once an optimizer is prepared, its momentum can move.
+    original_optimizer = Accelerator.prepare_optimizer
+
+    @functools.wraps(original_optimizer)
+    def prepare_optimizer(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        prepared = original_optimizer(self, optimizer, *args, **kwargs)
+        for state in _ENABLED:
+            attach_prepared_optimizer(self, state)
+        return prepared
+
+    Accelerator.prepare_optimizer = prepare_optimizer
     log.debug("accelerate_compress: Accelerator.prepare_model instrumented (%s)", config)
     return True

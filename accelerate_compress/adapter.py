@@ -17,6 +17,7 @@ from accelerate_compress.flag import adaptive_from_env, adaptive_options, config
 from lightning_compress.adaptive import attach_gravac
 from lightning_compress.config import CompressionConfig
 from lightning_compress.hook import get_compression_state, register_compression
+from lightning_compress.momentum import attach_optimizer
 from lightning_compress.state import CompressionState
 
 __all__ = ["CompressionCheckpoint", "enable"]
@@ -70,6 +71,7 @@ class CompressionCheckpoint:
         # CPU copies: a pickled CUDA tensor would unpickle on the sender's device.
         sd["memory"] = {n: {k: t.cpu() for k, t in m.items()} for n, m in sd["memory"].items()}
         sd["server_memory"] = {n: t.cpu() for n, t in sd["server_memory"].items()}
+        sd["velocity"] = {n: t.cpu() for n, t in sd["velocity"].items()}
         if state.world_size > 1 and dist.is_available() and dist.is_initialized():
             # all_gather (not gather): with save_on_each_node every local main process writes the file.
             gathered: list[Any] = [None] * state.world_size
@@ -181,12 +183,37 @@ def enable(
     state = register_compression(ddp, resolved, process_group=ddp.process_group)
     if gravac is not None:
         attach_gravac(state, **gravac)
+    attach_prepared_optimizer(accelerator, state)
     _register_checkpointing(accelerator, state)
     _follow_loss_scale(getattr(accelerator, "scaler", None), state)
     if not _ENABLED:
         atexit.register(_report)
     _ENABLED.append(state)
     return state
+
+
+def attach_prepared_optimizer(accelerator: Any, state: CompressionState) -> None:
+    """Move the momentum of the optimizer ``accelerator`` prepared for ``state``'s model into the exchange.
+
+    Looks at the optimizers prepared so far and takes the one whose parameters are the model's
+    (``Accelerator.prepare`` prepares models before optimizers; the launcher's instrumentation
+    calls this again after each optimizer is prepared). Does nothing once one is attached.
+    """
+    if state.momentum is not None:
+        return
+    own = set(state.param_names)
+    found = []
+    for wrapped in getattr(accelerator, "_optimizers", []):
+        optimizer = getattr(wrapped, "optimizer", wrapped)
+        if any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
+            found.append(optimizer)
+    if len(found) == 1:
+        attach_optimizer(state, found[0])
+    elif len(found) > 1 and state.config.momentum in ("lookahead", "heavy_ball"):
+        raise ValueError(
+            f"`momentum={state.config.momentum!r}` moves one optimizer's momentum into the exchange; this model is "
+            f"trained by {len(found)} optimizers. Use `momentum='optimizer'` (or 'auto', which then keeps it)."
+        )
 
 
 def _follow_loss_scale(scaler: Any, state: CompressionState) -> None:
@@ -218,7 +245,8 @@ def _report() -> None:
         s = state.stats
         if folder:
             os.makedirs(folder, exist_ok=True)
-            record = {**s.as_dict(), "step": state.step, "rank": state.rank, "config": state.config.to_dict()}
+            record = {**s.as_dict(), "step": state.step, "rank": state.rank, "config": state.config.to_dict(),
+                      "momentum": state.momentum.mode if state.momentum is not None else None}  # fmt: skip
             if state.adaptive is not None:
                 record["adaptive"] = state.adaptive.controller.state_dict()
             suffix = f"_{i}" if i else ""

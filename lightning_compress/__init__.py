@@ -7,6 +7,7 @@ from lightning_compress.config import FEEDBACKS, TRANSPORTS, CompressionConfig
 from lightning_compress.adaptive import attach_gravac
 from lightning_compress.gravac import GraVACController
 from lightning_compress.hook import compression_hook, get_compression_state, register_compression
+from lightning_compress.momentum import attach_optimizer
 from lightning_compress.state import CompressionState, CompressionStats
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "CompressionStats",
     "GraVACController",
     "attach_gravac",
+    "attach_optimizer",
     "compression_hook",
     "get_compression_state",
     "register_compression",

@@ -11,10 +11,11 @@ from typing import Any, Mapping
 from kernels import SUPPORTED_BITS
 from lightning_compress.compressors import COMPRESSORS, Compressor
 
-__all__ = ["CompressionConfig", "FEEDBACKS", "TRANSPORTS"]
+__all__ = ["CompressionConfig", "FEEDBACKS", "MOMENTUM_MODES", "TRANSPORTS"]
 
 FEEDBACKS = ("none", "ef", "ef21", "diana", "doublesqueeze")
 TRANSPORTS = ("auto", "allreduce", "allgather", "two_pass")
+MOMENTUM_MODES = ("auto", "lookahead", "heavy_ball", "optimizer")
 
 
 def _choices(name: str, value: Any, allowed: tuple) -> None:
@@ -39,6 +40,10 @@ class CompressionConfig:
         diana_alpha: DIANA shift step size in (0, 1]; default ``1 / (omega + 1)``.
         dgc_sample_fraction: fraction of entries ``dgc`` samples to estimate its threshold (``topk``
             samples the same fraction, at least 4096 entries, to find its exact top-k faster).
+        momentum: where an attached optimizer's momentum lives (see :mod:`lightning_compress.momentum`):
+            ``lookahead`` moves it into the exchange and sends the Nesterov look-ahead (converges
+            fastest under compression), ``heavy_ball`` moves it unchanged, ``optimizer`` leaves it
+            in the optimizer, ``auto`` is ``lookahead`` for SGD with momentum and ``optimizer`` otherwise.
 
     Raises:
         ValueError: an option has a value outside what is allowed, or options do not fit together.
@@ -61,6 +66,7 @@ class CompressionConfig:
     seed: int = 0
     diana_alpha: float | None = None
     dgc_sample_fraction: float = 0.01
+    momentum: str = "auto"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -75,6 +81,7 @@ class CompressionConfig:
         _choices("compressor", self.compressor, tuple(COMPRESSORS))
         _choices("feedback", self.feedback, FEEDBACKS)
         _choices("transport", self.transport, TRANSPORTS)
+        _choices("momentum", self.momentum, MOMENTUM_MODES)
         if not (0.0 < self.density <= 1.0) or math.isnan(self.density):
             raise ValueError(f"`density` is the fraction of entries kept and must be in (0, 1]; got {self.density!r}")
         _choices("bits", self.bits, SUPPORTED_BITS)
@@ -189,6 +196,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "diana_alpha": (float, int),
     "dgc_sample_fraction": (float, int),
+    "momentum": (str,),
 }
 
 

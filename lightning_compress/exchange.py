@@ -28,7 +28,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_compress.transport import Batch, Collectives, Transport, TRANSPORTS, TwoPassTransport, done_future
+from kernels.finite import all_finite
+from lightning_compress.transport import (
+    TRANSPORTS,
+    Batch,
+    Collectives,
+    Transport,
+    TwoPassTransport,
+    done_future,
+    shard_bounds,
+)
 
 if TYPE_CHECKING:
     from lightning_compress.state import CompressionState
@@ -60,24 +69,59 @@ class Flight:
         self.result.set_result(self.buffer)
 
 
-class DenseFlight(Flight):
-    """Warm-up, or a bucket with nothing to compress: DDP's own average, asynchronously."""
+def dense_inputs(grads, indices: list[int], prepared: dict, world: int) -> torch.Tensor:
+    """One flat buffer of what the dense allreduce sums for ``grads[indices]``: ``grad / world``,
+    or a momentum parameter's ``s_i`` (already divided)."""
+    parts = [prepared[i].s if i in prepared else grads[i].reshape(-1) for i in indices]
+    flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+    if len(prepared) < len(indices):
+        at = 0
+        for i in indices:
+            n = grads[i].numel()
+            if i not in prepared:
+                flat[at : at + n].div_(world)
+            at += n
+    return flat
 
-    def __init__(self, comm: Collectives, buffer: torch.Tensor, world_size: int):
+
+def commit_velocities(state: CompressionState, params, prepared: dict) -> None:
+    """After a successful exchange: the momentum parameters' new velocities become theirs."""
+    for i, p in prepared.items():
+        state.commit_velocity(state.param_names[id(params[i])], p.velocity)
+
+
+class DenseFlight(Flight):
+    """Warm-up, or a bucket with nothing to compress: DDP's own average, asynchronously.
+
+    With the optimizer's momentum in the exchange, its parameters send ``s_i`` instead of
+    ``grad / world``, and their velocities are committed when the average arrives.
+    """
+
+    def __init__(self, state: CompressionState, buffer: torch.Tensor, params, grads, prepared: dict):
         super().__init__(buffer)
         # Divide first, as DDP's default hook does, so low-precision buckets do not overflow.
-        buffer.div_(world_size)
-        self.result = comm.allreduce_async(buffer).then(lambda _: buffer)
+        buffer.div_(state.world_size)
+        for i, p in prepared.items():
+            grads[i].copy_(p.s.view_as(grads[i]))
+
+        def arrived(_):
+            # Every rank holds the same average: all commit, or none (a step a loss scaler skips).
+            if prepared and all_finite(buffer):
+                commit_velocities(state, params, prepared)
+            return buffer
+
+        self.result = state.collectives.allreduce_async(buffer).then(arrived)
         self.done = self.result
 
 
 class CompressedFlight(Flight):
     """A bucket with compressible tensors: the fused compress, the transport, the commit."""
 
-    def __init__(self, state: CompressionState, params, grads, chosen: list[int], buffer: torch.Tensor):
+    def __init__(self, state: CompressionState, params, grads, chosen: list[int], buffer: torch.Tensor, prepared: dict):
         super().__init__(buffer)
         start = time.perf_counter()
         self.state = state
+        self.params, self.prepared = params, prepared
         world, comp, fb = state.world_size, state.compressor, state.feedback
         self.names = [state.param_names[id(params[i])] for i in chosen]
         flat = [grads[i].reshape(-1) for i in chosen]
@@ -86,9 +130,14 @@ class CompressedFlight(Flight):
         numels = [g.numel() for g in flat]
         self.mems = [state.memory_for(name, n, device) for name, n in zip(self.names, numels)]
 
-        # x = grad / world: read in place by compressors that fuse the scale, else widened and scaled.
+        # x = grad / world: read in place by compressors that fuse the scale, else widened and scaled;
+        # with the optimizer's momentum in the exchange, s_i (already divided) instead.
         fused = comp.fused_scale and all(g.dtype == torch.float32 and g.is_contiguous() for g in flat)
-        if fused:
+        if prepared:
+            xs = [prepared[i].s if i in prepared else self._scaled(name, g, world)
+                  for i, name, g in zip(chosen, self.names, flat)]  # fmt: skip
+            scale = 1.0
+        elif fused:
             xs, scale = flat, 1.0 / world
         else:
             xs = [self._scaled(name, g, world) for name, g in zip(self.names, flat)]
@@ -98,7 +147,7 @@ class CompressedFlight(Flight):
             residuals = [m[fb.memory_keys[0]] for m in self.mems] if fb.memory_keys else [None] * len(xs)
             self.vs = [None] * len(xs)
         else:
-            if fused:  # the shift is subtracted from x itself: x must exist
+            if scale != 1.0:  # the shift is subtracted from x itself: x must exist
                 xs = [self._scaled(name, g, world) for name, g in zip(self.names, flat)]
                 scale = 1.0
             self.vs = [
@@ -120,12 +169,12 @@ class CompressedFlight(Flight):
 
         # The tensors that stay dense (1-D, small) travel in one allreduce beside the payloads.
         chosen_set = set(chosen)
-        self.rest = [g for i, g in enumerate(grads) if i not in chosen_set]
+        rest = [i for i in range(len(grads)) if i not in chosen_set]
+        self.rest = [grads[i] for i in rest]
         futures = []
-        if self.rest:
-            self.rest_flat = torch.cat([g.reshape(-1) for g in self.rest])
+        if rest:
+            self.rest_flat = dense_inputs(grads, rest, prepared, world)
             finite = finite & torch.isfinite(self.rest_flat).all()
-            self.rest_flat.div_(world)
             futures.append(state.collectives.allreduce_async(self.rest_flat))
         self.transport.set_flag(wire, finite)
         futures.append(self.transport.launch(wire))
@@ -203,6 +252,7 @@ class CompressedFlight(Flight):
             mem.update(update)
             if server:
                 state.server_memory[name] = server[t]
+        commit_velocities(state, self.params, self.prepared)
 
 
 def _make_transport(state: CompressionState, batch: Batch, names: list[str]) -> Transport:
@@ -213,19 +263,13 @@ def _make_transport(state: CompressionState, batch: Batch, names: list[str]) -> 
     if state.config.feedback == "doublesqueeze":
         server = []
         for name, numel in zip(names, batch.numels):
-            lo, hi = _my_shard(numel, state.world_size, state.rank)
+            lo, hi = shard_bounds(numel, state.world_size, state.rank)
             mem = state.server_memory.get(name)
             server.append(mem if mem is not None and mem.numel() == hi - lo else torch.zeros(hi - lo, device=batch.device))
     return TwoPassTransport(
         state.collectives, batch, server_memory=server,
         server_seed=lambda i, r: state.seed(names[i], state.world_size + r),
     )  # fmt: skip
-
-
-def _my_shard(numel: int, world: int, rank: int) -> tuple[int, int]:
-    from lightning_compress.transport import shard_bounds
-
-    return shard_bounds(numel, world, rank)
 
 
 class StepPipeline:

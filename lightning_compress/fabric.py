@@ -62,6 +62,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         seed: Optional[int] = None,
         diana_alpha: Optional[float] = None,
         dgc_sample_fraction: Optional[float] = None,
+        momentum: Optional[str] = None,
         save_compression_memory: bool = True,
         accelerator: Any = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -76,9 +77,10 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         options = dict(
             compressor=compressor, density=density, bits=bits, feedback=feedback, transport=transport,
             warmup_steps=warmup_steps, min_numel=min_numel, block_size=block_size, seed=seed,
-            diana_alpha=diana_alpha, dgc_sample_fraction=dgc_sample_fraction,
+            diana_alpha=diana_alpha, dgc_sample_fraction=dgc_sample_fraction, momentum=momentum,
         )  # fmt: skip
         self._init_compression(compression, options, save_compression_memory, False, kwargs)
+        self._pending_optimizers: list[Optimizer] = []
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -96,7 +98,18 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
     def setup_module(self, module: Module) -> DistributedDataParallel:
         ddp = super().setup_module(module)
         self._register_compression_hook(ddp)
+        self._attach_optimizers(self._pending_optimizers)
         return ddp
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        optimizer = super().setup_optimizer(optimizer)
+        # fabric.setup(model, optimizer) sets up the module first; setup_optimizers alone may come first.
+        if self._compression_state is None:
+            self._pending_optimizers = [optimizer]
+        else:
+            self._attach_optimizers([optimizer])
+        return optimizer
 
     @override
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
@@ -136,6 +149,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
     def teardown(self) -> None:
         self._loaded_compression = None
         self._hook_active = False
+        self._detach_optimizers()
         super().teardown()
 
     @classmethod

@@ -12,7 +12,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kernels.finite import all_finite
 from lightning_compress.config import CompressionConfig
-from lightning_compress.exchange import CompressedFlight, DenseFlight, Flight
+from lightning_compress.exchange import CompressedFlight, DenseFlight, Flight, commit_velocities, dense_inputs
+from lightning_compress.momentum import Prepared
 from lightning_compress.state import CompressionState
 
 __all__ = ["compression_hook", "register_compression"]
@@ -52,13 +53,14 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         state.pipeline.reset()  # buckets are handed over in order: anything left is from a step that raised
     chosen = [i for i, p in enumerate(params) if _compressible(state, p)]
     state.record_bucket(buffer.numel() * buffer.element_size())
+    prepared = _prepare_momentum(state, params, grads)
     flight: Flight
     if state.step < state.config.warmup_steps or not chosen:
-        flight = DenseFlight(state.collectives, buffer, state.world_size)
+        flight = DenseFlight(state, buffer, params, grads, prepared)
     elif state.adaptive is not None:
-        flight = _adaptive_exchange(state, params, grads, chosen, buffer)
+        flight = _adaptive_exchange(state, params, grads, chosen, buffer, prepared)
     else:
-        flight = CompressedFlight(state, params, grads, chosen, buffer)
+        flight = CompressedFlight(state, params, grads, chosen, buffer, prepared)
     state.record_wait(state.pipeline.add(flight))
     if bucket.is_last() or not state.overlap:
         state.pipeline.drain(state)
@@ -67,35 +69,50 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     return flight.result
 
 
-def _dense_rest(state, grads, chosen) -> None:
+def _prepare_momentum(state, params, grads) -> dict[int, Prepared]:
+    """The optimizer's momentum moved into the exchange: ``s_i`` per managed parameter (see ``momentum``)."""
+    if state.momentum is None:
+        return {}
+    return {
+        i: state.momentum.prepare(state, state.param_names[id(p)], p, grads[i], state.world_size)
+        for i, p in enumerate(params)
+        if state.momentum.manages(p)
+    }
+
+
+def _dense_rest(state, grads, chosen, prepared) -> None:
     """Average the gradients of the bucket that are not compressed, in one allreduce (waits)."""
     chosen_set = set(chosen)
-    rest = [g for i, g in enumerate(grads) if i not in chosen_set]
+    rest = [i for i in range(len(grads)) if i not in chosen_set]
     if rest:
-        flat = torch.cat([g.reshape(-1) for g in rest])
-        flat.div_(state.world_size)
+        flat = dense_inputs(grads, rest, prepared, state.world_size)
         state.collectives.allreduce_(flat)
-        for g, piece in zip(rest, torch.split(flat, [g.numel() for g in rest])):
-            g.copy_(piece.view_as(g))
+        for i, piece in zip(rest, torch.split(flat, [grads[i].numel() for i in rest])):
+            grads[i].copy_(piece.view_as(grads[i]))
 
 
-def _adaptive_exchange(state, params, grads, chosen, buffer) -> Flight:
+def _adaptive_exchange(state, params, grads, chosen, buffer, prepared) -> Flight:
     """GraVAC: the attached controller picks the compression factor (see ``adaptive``); waits."""
     names = [state.param_names[id(params[i])] for i in chosen]
     xs = []
     for i, name in zip(chosen, names):
+        if i in prepared:
+            xs.append(prepared[i].s)
+            continue
         g = grads[i].detach().reshape(-1)
         x = state.scratch(name, "x", g.numel(), g.device)
         xs.append(torch.div(g, state.world_size, out=x) if g.dtype == torch.float32 else x.copy_(g).div_(state.world_size))
     flight = Flight(buffer)
-    aggregates = state.adaptive.exchange(state, names, xs, all_finite(buffer))
+    finite = all_finite(buffer) and all(all_finite(p.s) for p in prepared.values())
+    aggregates = state.adaptive.exchange(state, names, xs, finite)
     if aggregates is None:
         state.adaptive.skip_step()
         flight.fallback(state.collectives, state.world_size)
         return flight
     for i, agg in zip(chosen, aggregates):
         grads[i].copy_(agg.view_as(grads[i]))
-    _dense_rest(state, grads, chosen)
+    _dense_rest(state, grads, chosen, prepared)
+    commit_velocities(state, params, prepared)
     state.record_compression(state.adaptive.bucket_err, state.adaptive.bucket_norm)
     flight.result.set_result(buffer)
     return flight

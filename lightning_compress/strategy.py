@@ -23,6 +23,7 @@ from typing_extensions import override
 from lightning_compress.callbacks import CompressionMonitor, _make_pytorch_lightning_monitor
 from lightning_compress.config import CompressionConfig
 from lightning_compress.hook import register_compression
+from lightning_compress.momentum import attach_optimizer
 from lightning_compress.state import CompressionState
 
 __all__ = ["CHECKPOINT_KEY", "CompressedDDPStrategy", "CompressedDDPStrategyPL", "build_config"]
@@ -129,6 +130,27 @@ class _CompressionCore:
         self._apply_loaded_compression()
         return self._compression_state
 
+    def _attach_optimizers(self, optimizers: list[Any]) -> None:
+        """Move the (single) optimizer's momentum into the exchange, as ``config.momentum`` says."""
+        state = self._compression_state
+        if state is None or state.momentum is not None or not optimizers:
+            return
+        unwrapped = [getattr(o, "optimizer", o) for o in optimizers]  # LightningOptimizer, _FabricOptimizer
+        if len(unwrapped) > 1:
+            if state.config.momentum in ("lookahead", "heavy_ball"):
+                raise ValueError(
+                    f"`momentum={state.config.momentum!r}` moves one optimizer's momentum into the exchange; this run "
+                    f"has {len(unwrapped)} optimizers. Use `momentum='optimizer'` (or 'auto', which then keeps it)."
+                )
+            log.info("lightning_compress: %d optimizers; their momentum stays in them", len(unwrapped))
+            return
+        attach_optimizer(state, unwrapped[0])
+
+    def _detach_optimizers(self) -> None:
+        state = self._compression_state
+        if state is not None and state.momentum is not None:
+            state.momentum.detach()
+
     def _apply_loaded_compression(self) -> None:
         blob, state = self._loaded_compression, self._compression_state
         if blob is None or state is None:
@@ -155,6 +177,8 @@ class _CompressionCore:
         # CPU copies: a pickled CUDA tensor would unpickle on the sender's device index on rank 0.
         sd["memory"] = {n: {k: t.cpu() for k, t in m.items()} for n, m in sd["memory"].items()}
         sd["server_memory"] = {n: t.cpu() for n, t in sd["server_memory"].items()}
+        # Velocities are the optimizer's momentum: kept even without memory, as an optimizer state is.
+        sd["velocity"] = {n: t.cpu() for n, t in sd["velocity"].items()}
         group = state.process_group
         if state.world_size > 1 and dist.is_available() and dist.is_initialized():
             gathered: list[Any] | None = [None] * state.world_size if state.rank == 0 else None
@@ -193,6 +217,7 @@ class _CompressedDDPMixin(_CompressionCore):
         seed: Optional[int] = None,
         diana_alpha: Optional[float] = None,
         dgc_sample_fraction: Optional[float] = None,
+        momentum: Optional[str] = None,
         save_compression_memory: bool = True,
         log_compression_stats: bool = True,
         accelerator: Any = None,
@@ -208,7 +233,7 @@ class _CompressedDDPMixin(_CompressionCore):
         options = dict(
             compressor=compressor, density=density, bits=bits, feedback=feedback, transport=transport,
             warmup_steps=warmup_steps, min_numel=min_numel, block_size=block_size, seed=seed,
-            diana_alpha=diana_alpha, dgc_sample_fraction=dgc_sample_fraction,
+            diana_alpha=diana_alpha, dgc_sample_fraction=dgc_sample_fraction, momentum=momentum,
         )  # fmt: skip
         # Validate before DDPStrategy stores anything: bad options fail here, before any process starts.
         self._init_compression(compression, options, save_compression_memory, log_compression_stats, kwargs)
@@ -229,6 +254,7 @@ class _CompressedDDPMixin(_CompressionCore):
     def setup(self, trainer: Any) -> None:
         self._add_monitor(trainer)
         super().setup(trainer)
+        self._attach_optimizers(self.optimizers)
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -274,6 +300,7 @@ class _CompressedDDPMixin(_CompressionCore):
         log.debug(f"{type(self).__name__}: tearing down (compression state kept for inspection)")
         self._loaded_compression = None
         self._hook_active = False
+        self._detach_optimizers()
         super().teardown()
 
     @classmethod

@@ -332,6 +332,8 @@ def test_yaml_flag_turns_compression_on_script_unchanged(tmp_path: Path, train_s
     ranks, st = _ranks(tmp_path / "out"), _ranks(stats)
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["sha"] == ranks[1]["sha"]
     assert [s["steps"] for s in st] == [16, 16] and st[0]["config"]["compressor"] == "sign"
+    # the launcher's instrumentation moves the SGD momentum once the optimizer is prepared
+    assert [s["momentum"] for s in st] == ["lookahead", "lookahead"]
     assert st[0]["dense_bytes_last_step"] == 4 * (64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10)
     want = _expected_ratio(CompressionConfig(compressor="sign", feedback="ef"))
     assert want > 20 and st[0]["ratio"] == pytest.approx(want, rel=0.01)
@@ -353,6 +355,7 @@ def test_environment_flag_under_plain_accelerate_launch_with_accumulate(tmp_path
     # accumulate(): 16 backward passes, 8 synchronized ones -> the hook ran (and compressed) 8 times
     assert [s["steps"] for s in st] == [8, 8] and [s["step"] for s in st] == [8, 8]
     assert st[0]["config"] == CompressionConfig.from_string(setting).to_dict()
+    assert [s["momentum"] for s in st] == ["lookahead", "lookahead"]  # enable() after prepare() finds the optimizer
     assert st[0]["ratio"] == pytest.approx(_expected_ratio(CompressionConfig.from_string(setting)), rel=0.02)
 
 
