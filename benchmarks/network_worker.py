@@ -64,20 +64,8 @@ POWERSGD_PREFIX = "powersgd_r"
 POWERSGD_START_ITER = 2
 
 
-# ----- the communication-bound workload ---------------------------------------------------------------
-def make_mlp(quick: bool) -> nn.Module:
-    """The 25.18M-parameter MLP of ``bytes_per_step.py`` (3 weights of 2048x4096); ``quick``: 0.4M."""
-    torch.manual_seed(0)
-    d, h = (256, 512) if quick else (2048, 4096)
-    return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d), nn.ReLU(), nn.Linear(d, h))
-
-
-def random_batches(model: nn.Module, batch: int, seed: int, count: int = 4):
-    """``count`` fixed random batches (inputs, class labels over the output width) for this rank."""
-    gen = torch.Generator().manual_seed(1000 + seed)
-    d_in, d_out = model[0].in_features, model[-1].out_features
-    return [(torch.randn(batch, d_in, generator=gen), torch.randint(0, d_out, (batch,), generator=gen))
-            for _ in range(count)]  # fmt: skip
+# ----- the communication-bound workloads ------------------------------------------------------------------
+from _models import make_model, random_batches  # noqa: E402
 
 
 # ----- hooks ----------------------------------------------------------------------------------------------
@@ -86,11 +74,9 @@ class Meter:
 
     def __init__(self) -> None:
         self.allreduce_bytes = 0  # bytes handed to dist.all_reduce by PyTorch's hooks
-        self.hook_s = 0.0  # wall time inside lightning_compress's hook (it runs synchronously)
-        self.comm_s = 0.0  # wall time inside its collectives
 
     def reset(self) -> None:
-        self.allreduce_bytes, self.hook_s, self.comm_s = 0, 0.0, 0.0
+        self.allreduce_bytes = 0
 
 
 METER = Meter()
@@ -108,45 +94,6 @@ def count_allreduce_bytes() -> None:
 
     counting._counting = True
     dist.all_reduce = counting
-
-
-def time_collectives(state) -> None:
-    """Time every collective of a ``CompressionState`` (they block until done)."""
-    coll = state.collectives
-    for name in ("allreduce_", "all_gather", "all_to_all"):
-        method = getattr(coll, name)
-
-        def timed(*args, _method=method, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _method(*args, **kwargs)
-            finally:
-                METER.comm_s += time.perf_counter() - t0
-
-        setattr(coll, name, timed)
-
-
-def register_ours(ddp: DistributedDataParallel, text: str):
-    """``register_compression`` with the hook wrapped in a timer (patched only during the call)."""
-    import lightning_compress
-    import lightning_compress.hook as lc_hook
-
-    original = lc_hook.compression_hook
-
-    def timed_hook(state, bucket):
-        t0 = time.perf_counter()
-        try:
-            return original(state, bucket)
-        finally:
-            METER.hook_s += time.perf_counter() - t0
-
-    lc_hook.compression_hook = timed_hook  # register_compression looks the hook up at call time
-    try:
-        state = lightning_compress.register_compression(ddp, text)
-    finally:
-        lc_hook.compression_hook = original
-    time_collectives(state)
-    return state
 
 
 def powersgd_rank(label: str) -> int:
@@ -185,7 +132,7 @@ def install(ddp: DistributedDataParallel, label: str, gravac: dict, samples_per_
     import lightning_compress
 
     text = label[len(GRAVAC_PREFIX):] if label.startswith(GRAVAC_PREFIX) else label
-    state = register_ours(ddp, text)
+    state = lightning_compress.register_compression(ddp, text)
     run = None
     if label.startswith(GRAVAC_PREFIX):
         run = lightning_compress.attach_gravac(state, **gravac)
@@ -244,7 +191,7 @@ def train_step(model, opt, x, y) -> None:
 
 
 def step_mode(args, cfg: str, rank: int, world: int) -> dict:
-    model = make_mlp(args.quick)
+    model = make_model(args.model, args.quick)
     numel = sum(p.numel() for p in model.parameters())
     batches = random_batches(model, args.batch, rank)
     if args.mode == "floor":
@@ -266,9 +213,13 @@ def step_mode(args, cfg: str, rank: int, world: int) -> dict:
         seconds = time.perf_counter() - t0
         row = {"s": seconds}
         if kind == "ours":
-            row.update(sent=state.stats.sent_bytes_last_step, handed=state.stats.bytes_last_step,
-                       dense=state.stats.dense_bytes_last_step, hook_s=METER.hook_s, comm_s=METER.comm_s,
-                       compressed=state.stats.compressed_last_step)  # fmt: skip
+            s = state.stats
+            # Time in the exchange's own work (compress on the hook's thread, decode in callbacks)
+            # and time the hook's thread was blocked on collectives (later passes, the step's drain).
+            work = s.encode_seconds_last_step + s.decode_seconds_last_step
+            row.update(sent=s.sent_bytes_last_step, handed=s.bytes_last_step, dense=s.dense_bytes_last_step,
+                       hook_s=work + s.wait_seconds_last_step, comm_s=s.wait_seconds_last_step,
+                       compressed=s.compressed_last_step)  # fmt: skip
             if run is not None:
                 row["cf"] = run.last.get("cf", 1.0) if state.stats.compressed_last_step else 1.0
         elif kind == "torch":
@@ -355,15 +306,64 @@ def digits_mode(args, cfg: str, rank: int, world: int) -> dict:
     return out
 
 
+# ----- time-to-accuracy mode ------------------------------------------------------------------------------
+def wide_mlp(seed: int) -> nn.Module:
+    """64 -> 2560 -> 2048 -> 10 (5.41M parameters): digits with a model whose exchange costs time at 1 Gbit/s."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 2560), nn.ReLU(), nn.Linear(2560, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+
+def tta_mode(args, cfg: str, rank: int, world: int) -> dict:
+    """Train the wide MLP on digits until the test accuracy reaches ``--target``: the training seconds it took.
+
+    The clock counts training steps only (the test accuracy, every ``--eval-every`` steps, is not
+    counted); every rank holds the same weights, so every rank stops at the same step.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    train_set, test_set = digits(args.seed)
+    model = wide_mlp(args.seed)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=args.digits_lr, momentum=0.9)
+    kind, state, _ = install(ddp, cfg, args.gravac, float(world * args.digits_batch))
+    if kind == "ours":
+        from lightning_compress import attach_optimizer
+
+        attach_optimizer(state, opt)  # as the strategies and enable() do: the SGD momentum into the exchange
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(train_set, batch_size=args.digits_batch, sampler=sampler)
+    clock, steps, curve, reached = 0.0, 0, [], None
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            t0 = time.perf_counter()
+            train_step(ddp, opt, x, y)
+            clock += time.perf_counter() - t0
+            steps += 1
+            if steps % args.eval_every == 0:
+                acc = digits_accuracy(model, test_set)
+                curve.append((steps, clock, acc))
+                if acc >= args.target:
+                    reached = (steps, clock)
+                    break
+        if reached:
+            break
+    sent = state.stats.sent_bytes_total if kind == "ours" else None
+    return {"target": args.target, "reached": reached is not None, "steps": reached[0] if reached else steps,
+            "seconds": reached[1] if reached else clock, "curve": curve, "sent_total": sent,
+            "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+
+
 # ----- main -----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("step", "floor"), default="step")
+    p.add_argument("--mode", choices=("step", "floor", "tta"), default="step")
     p.add_argument("--config", action="append", default=None,
                    help="configuration label; repeat to run several, one after the other, in this process group")
     p.add_argument("--gravac", default="{}", help="JSON dict of attach_gravac keyword arguments")
     p.add_argument("--out", required=True, help="JSON file this rank writes (rewritten after every configuration)")
     p.add_argument("--quick", action="store_true", help="small model (0.4M parameters)")
+    p.add_argument("--model", default="mlp", choices=("mlp", "blocks"), help="workload of the step mode (see _models)")
     p.add_argument("--batch", type=int, default=32, help="per-rank batch of the MLP")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=3)
@@ -376,6 +376,8 @@ def parse_args(argv=None):
     p.add_argument("--digits-lr", type=float, default=0.05)
     p.add_argument("--digits-hidden", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=float, default=0.95, help="tta: test accuracy to reach")
+    p.add_argument("--eval-every", type=int, default=4, help="tta: steps between test accuracy checks")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait")
     args = p.parse_args(argv)
     args.gravac = json.loads(args.gravac)
@@ -398,7 +400,7 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     result: dict = {"rank": rank, "world": world, "mode": args.mode, "runs": {}}
-    if args.mode == "step":
+    if args.mode in ("step", "tta"):
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=args.timeout))  # fmt: skip
     code = 0
@@ -406,7 +408,8 @@ def main(argv=None) -> int:
         for cfg in args.config:
             t0 = time.perf_counter()
             rec: dict = {}
-            for part, fn in (("step", step_mode), ("digits", digits_mode)):
+            parts = (("tta", tta_mode),) if args.mode == "tta" else (("step", step_mode), ("digits", digits_mode))
+            for part, fn in parts:
                 if part == "digits" and not (args.digits and args.mode == "step"):
                     continue
                 try:

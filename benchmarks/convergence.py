@@ -1,0 +1,256 @@
+"""Accuracy per epoch of compressed against dense DDP, with SGD + momentum and AdamW.
+
+Trains on 2 gloo ranks (plain DDP, ``register_compression`` + ``attach_optimizer`` as the
+Lightning and Fabric strategies and Accelerate's ``enable()`` do), each rank on a fixed half
+of scikit-learn's digits (reshuffled within the half every epoch), batch 32 per rank, and
+records the test accuracy after every epoch and the bytes each rank sent. Two models: the
+64-256-256-10 MLP of the examples and a small CNN on the 8x8 images. Every cell is a mean
+over seeds.
+
+    python benchmarks/convergence.py [--tasks mlp,cnn] [--optimizers sgd,adamw] [--seeds 0,1,2]
+                                     [--epochs 20] [--configs "compressor=sign,feedback=ef;..."]
+                                     [--out benchmarks/results/convergence]
+
+Writes ``<out>.md`` (tables at epochs 2, 5, 10 and 20, and the largest shortfall against dense
+from epoch 5 on), ``<out>.json`` and, with matplotlib, ``<out>.png`` (accuracy against epochs
+and against bytes sent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+
+ROOT = Path(__file__).resolve().parents[1]
+# The repository root first: benchmarks/kernels.py (a benchmark) must not shadow the `kernels` package.
+sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(Path(__file__).resolve().parent)]
+
+from _machine import cpu_model  # noqa: E402
+from digits_data import accuracy, digits, make_mlp  # noqa: E402
+
+DENSE = "dense"
+RECOMMENDED = (
+    "compressor=sign,feedback=ef",
+    "compressor=topk,density=0.01,feedback=ef",
+    "compressor=topk,density=0.01,feedback=ef21",
+    "compressor=sign,feedback=doublesqueeze",
+)
+OPTIMIZERS = {
+    "sgd": ("SGD, lr 0.05, momentum 0.9", lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)),
+    "adamw": ("AdamW, lr 1e-3, weight decay 0.01", lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)),
+}
+
+
+def optimizer_spec(name: str):
+    """``(title, factory)`` of ``sgd``, ``adamw``, or either with another learning rate (``sgd@0.02``)."""
+    base, _, lr = name.partition("@")
+    title, factory = OPTIMIZERS[base]
+    if not lr:
+        return title, factory
+    kind = torch.optim.SGD if base == "sgd" else torch.optim.AdamW
+    extra = dict(momentum=0.9) if base == "sgd" else dict(weight_decay=0.01)
+    return title.replace(title.split(", ")[1], f"lr {lr}"), lambda params: kind(params, lr=float(lr), **extra)
+EPOCHS_SHOWN = (2, 5, 10, 20)
+
+
+def make_cnn(seed: int) -> nn.Module:
+    """A small CNN on the 8x8 digits: two 3x3 convolutions, a pooling, two linear layers (151k parameters)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
+TASKS = {"mlp": lambda seed: make_mlp(256, seed), "cnn": make_cnn}
+
+
+def train(task: str, opt_name: str, label: str, seed: int, epochs: int, rank: int, world: int, data) -> dict:
+    from lightning_compress import attach_optimizer, register_compression
+
+    train_set, test_set = data
+    model = TASKS[task](seed)
+    ddp = DistributedDataParallel(model)
+    opt = optimizer_spec(opt_name)[1](ddp.parameters())
+    state = None
+    if label != DENSE:
+        state = register_compression(ddp, label)
+        attach_optimizer(state, opt)
+    half = Subset(train_set, range(rank, len(train_set), world))  # a fixed half per rank
+    loader = DataLoader(half, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed * 100 + rank))
+    dense_bytes = 4.0 * sum(p.numel() for p in model.parameters()) * 2.0 * (world - 1) / world  # ring, per step
+    acc, sent, steps = [], [], 0
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            steps += 1
+        acc.append(accuracy(model, test_set))
+        sent.append(state.stats.sent_bytes_total if state is not None else dense_bytes * steps)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        raise RuntimeError(f"{label}: the ranks' weights differ")
+    mode = state.momentum.mode if state is not None and state.momentum is not None else "optimizer"
+    return {"task": task, "optimizer": opt_name, "config": label, "seed": seed, "acc": acc, "sent": sent,
+            "momentum": mode, "steps": steps}  # fmt: skip
+
+
+def worker(rank: int, world: int, port: int, args, out_json: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        runs = []
+        data = {seed: digits(seed) for seed in args.seeds}
+        for task in args.tasks:
+            for opt_name in args.optimizers:
+                for label in [DENSE, *args.configs]:
+                    for seed in args.seeds:
+                        runs.append(train(task, opt_name, label, seed, args.epochs, rank, world, data[seed]))
+                        if rank == 0:
+                            r = runs[-1]
+                            print(f"  {task} {opt_name} {label} seed {seed}: "
+                                  + " ".join(f"{100 * a:.1f}" for a in r["acc"]), flush=True)  # fmt: skip
+                            Path(out_json).write_text(json.dumps(runs))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ----- report -------------------------------------------------------------------------------------
+def mean_curve(runs: list[dict], key: str) -> list[float]:
+    return [statistics.fmean(r[key][e] for r in runs) for e in range(len(runs[0][key]))]
+
+
+def report(runs: list[dict], args) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["optimizer"], r["config"]), []).append(r)
+    shown = [e for e in EPOCHS_SHOWN if e <= args.epochs]
+    lines = [
+        "# Convergence: test accuracy per epoch, compressed against dense",
+        "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} (torch {torch.__version__}); "
+        "2 gloo ranks, 1 thread each.",
+        f"Command: `python benchmarks/convergence.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        f"Digits, each rank a fixed half of the training set, batch 32 per rank, {args.epochs} epochs; mean over "
+        f"seeds {', '.join(map(str, args.seeds))} (min-max in brackets). The optimizer's momentum goes where "
+        "`momentum=auto` puts it: into the exchange with the Nesterov look-ahead for SGD, left in the optimizer "
+        "for AdamW unless the config says `momentum=lookahead`. *Gap* is the largest shortfall of the mean "
+        "against dense at any epoch from 5 on (goal: at most 1 point on digits' MLP, 2 on the CNN).",
+    ]
+    for task in args.tasks:
+        for opt_name in args.optimizers:
+            dense = groups.get((task, opt_name, DENSE))
+            if not dense:
+                continue
+            dense_mean = mean_curve(dense, "acc")
+            lines += ["", f"## {task}, {optimizer_spec(opt_name)[0]}", "",
+                      "| config | " + " | ".join(f"epoch {e}" for e in shown) + " | gap | MB sent per rank |",
+                      "|---|" + "---:|" * (len(shown) + 2)]  # fmt: skip
+            for label in [DENSE, *args.configs]:
+                runs_ = groups.get((task, opt_name, label))
+                if not runs_:
+                    continue
+                cells = []
+                for e in shown:
+                    vals = [100 * r["acc"][e - 1] for r in runs_]
+                    cells.append(f"{statistics.fmean(vals):.1f} ({min(vals):.0f}-{max(vals):.0f})")
+                m = mean_curve(runs_, "acc")
+                late = list(zip(dense_mean, m))[4:]
+                gap = max((100 * (d - a) for d, a in late), default=float("nan")) if label != DENSE else 0.0
+                mb = statistics.fmean(r["sent"][-1] for r in runs_) / 1e6
+                lines.append(f"| `{label}` | " + " | ".join(cells) + f" | {gap:+.1f} | {mb:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, o) for t in args.tasks for o in args.optimizers]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
+    for col, (task, opt_name) in enumerate(panels):
+        for label in [DENSE, *args.configs]:
+            runs_ = [r for r in runs if (r["task"], r["optimizer"], r["config"]) == (task, opt_name, label)]
+            if not runs_:
+                continue
+            acc = [100 * a for a in mean_curve(runs_, "acc")]
+            sent = [s / 1e6 for s in mean_curve(runs_, "sent")]
+            name = label.replace("compressor=", "").replace("feedback=", "").replace("density=", "d=")
+            axes[0][col].plot(range(1, len(acc) + 1), acc, marker=".", label=name)
+            axes[1][col].plot(sent, acc, marker=".", label=name)
+        axes[0][col].set_title(f"{task}, {opt_name}")
+        axes[0][col].set_xlabel("epoch")
+        axes[1][col].set_xlabel("MB sent per rank (log)")
+        axes[1][col].set_xscale("log")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_ylabel("test accuracy %")
+            ax.set_ylim(50, 100)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="mlp,cnn")
+    p.add_argument("--optimizers", default="sgd,adamw")
+    p.add_argument("--configs", default=";".join(RECOMMENDED))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "convergence"))
+    p.add_argument("--from-json", action="store_true", help="rewrite the report from <out>.json, without training")
+    args = p.parse_args(argv)
+    args.tasks = args.tasks.split(",")
+    args.optimizers = args.optimizers.split(",")
+    args.configs = [c for c in args.configs.split(";") if c]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.from_json:
+        mp.start_processes(worker, args=(2, free_port(), args, str(out.with_suffix(".json"))), nprocs=2,
+                           start_method="spawn")  # fmt: skip
+    runs = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".md").write_text(report(runs, args))
+    try:
+        plot(runs, args, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
