@@ -57,6 +57,7 @@ _SIGNATURES = {
     "lc_topk_pass": [_P, _P, _F, _I, _I],
     "lc_topk_finish": [_P, _P, _I, _I, _I],
     "lc_sparse_decode_multi": [_P, _P, _I, _I, _I, _I],
+    "lc_velocity": [_P, _P, _P, _P, _P, _F, _F, _F, _F, _F, _F, _F, _I, _I, _I],
 }
 
 _LIBRARY = _build.CLibrary(
@@ -387,3 +388,9 @@ def sparse_decode_multi(wires, offsets, ks, outs, assign):
     if sum(bad):
         raise RuntimeError(f"{sum(bad)} sparse payload indices lie outside their tensor: the payload is corrupt")
     return outs
+
+
+def velocity(g, p, u_old, u_out, s_out, xs, wds, m, a0, a1, c, post, lookahead):
+    fn = _library().lc_velocity
+    args = (_ptr(g), _ptr(p), _ptr(u_old), _ptr(u_out), _ptr(s_out), xs, wds, m, a0, a1, c, post, int(lookahead))
+    _run(lambda lo, hi: fn(*args, lo, hi), _ranges(g.numel(), g.numel()))

@@ -657,3 +657,20 @@ int64_t lc_sparse_decode_multi(const lc_sparse_dseg *segs, const uint8_t *const 
     }
     return bad;
 }
+
+/* ----- momentum in the exchange --------------------------------------------------------------
+ * Over [i0, i1), every product rounded before the sums it enters (see kernels/velocity.py):
+ *   x = g * xs (+ p * wds);  u = first ? x * a0 : u_old * m + x * a1;  s = (look ? u * m + x * c : u) * post
+ * g may be NULL-free only; p and u_old may be NULL (no weight decay; the first step).
+ */
+void lc_velocity(const float *g, const float *p, const float *u_old, float *u, float *s, float xs, float wds,
+                 float m, float a0, float a1, float c, float post, int64_t look, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+        float x = g[i] * xs;
+        if (p) x = x + p[i] * wds;
+        const float ui = u_old ? u_old[i] * m + x * a1 : x * a0;
+        u[i] = ui;
+        float si = look ? ui * m + x * c : ui;
+        s[i] = si * post;
+    }
+}

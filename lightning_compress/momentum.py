@@ -41,6 +41,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from kernels.velocity import velocity
+
 __all__ = ["ExchangeMomentum", "attach_optimizer"]
 
 log = logging.getLogger(__name__)
@@ -127,42 +129,25 @@ class ExchangeMomentum:
         """``s_i`` for one parameter's gradient view (fp32 scratch) and the velocity to commit."""
         group = self._settings(param)
         n = grad.numel()
-        x = state.scratch(name, "mx", n, grad.device)
-        if grad.dtype == torch.float32:
-            torch.mul(grad.reshape(-1), 1.0 / world, out=x)
-        else:  # low precision: widen first, then scale in fp32
-            x.copy_(grad.reshape(-1)).mul_(1.0 / world)
         coupled_decay = self.kind == "sgd" or not group.get("decoupled_weight_decay", False)
-        wd = group.get("weight_decay", 0.0) if coupled_decay else 0.0
-        if wd:
-            x.add_(param.detach().reshape(-1).to(torch.float32), alpha=wd / world)
+        wd = float(group.get("weight_decay", 0.0)) if coupled_decay else 0.0
+        p = param.detach().reshape(-1).to(torch.float32).contiguous() if wd else None
         old = state.velocity.get(name)
         if old is not None and old.numel() != n:
             old = None
         u = state.scratch(name, "velocity", n, grad.device)
         s = state.scratch(name, "s", n, grad.device)
         if self.kind == "sgd":
-            m, d = float(group["momentum"]), float(group.get("dampening", 0.0))
-            if old is None:
-                u.copy_(x)  # torch's first step: the buffer is the gradient itself
-            else:
-                torch.mul(old, m, out=u).add_(x, alpha=1.0 - d)
-            if self.mode == "lookahead" or group.get("nesterov", False):
-                torch.add(x, u, alpha=m, out=s)
-            else:
-                s.copy_(u)
+            m = float(group["momentum"])
+            a0, a1, c, post = 1.0, 1.0 - float(group.get("dampening", 0.0)), 1.0, 1.0
+            lookahead = self.mode == "lookahead" or bool(group.get("nesterov", False))
         else:
-            b1 = float(group["betas"][0])
-            if old is None:
-                torch.mul(x, 1.0 - b1, out=u)
-            else:
-                torch.mul(old, b1, out=u).add_(x, alpha=1.0 - b1)
-            if self.mode == "lookahead":
-                torch.mul(u, b1, out=s).add_(x, alpha=1.0 - b1)
-            else:
-                s.copy_(u)
-            # Adam's bias correction of the first moment, for the step this gradient belongs to.
-            s.div_(1.0 - b1 ** (self.steps_taken + 1))
+            m = float(group["betas"][0])
+            a0 = a1 = c = 1.0 - m
+            post = 1.0 / (1.0 - m ** (self.steps_taken + 1))  # Adam's bias correction for this step
+            lookahead = self.mode == "lookahead"
+        velocity(grad.reshape(-1), p, old, u, s, xs=1.0 / world, wds=wd / world, m=m, a0=a0, a1=a1, c=c,
+                 post=post, lookahead=lookahead)  # fmt: skip
         return Prepared(s, u)
 
     # ----- the optimizer side -------------------------------------------------------------------

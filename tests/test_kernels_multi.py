@@ -210,3 +210,38 @@ def test_sparse_decode_refuses_indices_outside_the_tensor(monkeypatch):
     wire[8:].view(torch.int32)[:] = torch.tensor([3, 1000], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="corrupt"):
         sparse_decode_multi([wire], [0], [2], [torch.zeros(10)], assign=True)
+
+
+# ----- velocity (the optimizer's momentum in the exchange) -----------------------------------------------
+VELOCITY_CASES = {
+    "sgd-lookahead-wd": dict(xs=0.5, wds=1e-3, m=0.9, a0=1.0, a1=1.0, c=1.0, post=1.0, lookahead=True),
+    "sgd-dampening": dict(xs=1 / 3, wds=0.0, m=0.8, a0=1.0, a1=0.7, c=1.0, post=1.0, lookahead=False),
+    "adam-lookahead": dict(xs=0.5, wds=0.0, m=0.9, a0=0.1, a1=0.1, c=0.1, post=1 / 0.19, lookahead=True),
+}
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", list(VELOCITY_CASES))
+@pytest.mark.parametrize("first", [False, True])
+def test_velocity_cpu_matches_twin_and_means_the_formula(monkeypatch, case, first):
+    from kernels.velocity import velocity
+
+    k = VELOCITY_CASES[case]
+    g = torch.Generator().manual_seed(4)
+    grad, p, old = (torch.randn(300_001, generator=g) for _ in range(3))
+    out = {}
+    for path in ("cpu", "torch"):
+        monkeypatch.setenv(ENV_VAR, path)
+        u, s = torch.empty_like(grad), torch.empty_like(grad)
+        velocity(grad, p if k["wds"] else None, None if first else old, u, s, **k)
+        out[path] = (u, s)
+    assert torch.equal(out["cpu"][0], out["torch"][0]) and torch.equal(out["cpu"][1], out["torch"][1])
+    x = grad.double() * k["xs"] + (p.double() * k["wds"] if k["wds"] else 0)
+    u = x * k["a0"] if first else old.double() * k["m"] + x * k["a1"]
+    s = (u * k["m"] + x * k["c"] if k["lookahead"] else u) * k["post"]
+    # fp32 rounds each product and sum once: a few units of the last place of the largest term (times post)
+    ulp = 2.0**-23
+    bound_u = 4 * ulp * float((old.double().abs() * k["m"] + x.abs()).max() if not first else x.abs().max())
+    torch.testing.assert_close(out["cpu"][0].double(), u, rtol=0, atol=bound_u)
+    terms = u.abs() * k["m"] + x.abs() * k["c"] if k["lookahead"] else u.abs()
+    torch.testing.assert_close(out["cpu"][1].double(), s, rtol=0, atol=4 * ulp * float(terms.max()) * k["post"] + bound_u)
