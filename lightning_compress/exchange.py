@@ -97,17 +97,22 @@ class DenseFlight(Flight):
     ``grad / world``, and their velocities are committed when the average arrives.
     """
 
-    def __init__(self, state: CompressionState, buffer: torch.Tensor, params, grads, prepared: dict):
+    def __init__(self, state: CompressionState, buffer, params, grads, prepared: dict, start_memory=()):
         super().__init__(buffer)
         # Divide first, as DDP's default hook does, so low-precision buckets do not overflow.
         buffer.div_(state.world_size)
         for i, p in prepared.items():
             grads[i].copy_(p.s.view_as(grads[i]))
+        # Feedback memory that starts from this exchange: this rank's share, before it is summed.
+        shares = {i: grads[i].detach().reshape(-1).to(torch.float32, copy=True) for i in start_memory}
 
         def arrived(_):
             # Every rank holds the same average: all commit, or none (a step a loss scaler skips).
-            if prepared and all_finite(buffer):
+            if (prepared or shares) and all_finite(buffer):
                 commit_velocities(state, params, prepared)
+                for i, share in shares.items():
+                    average = grads[i].detach().reshape(-1).to(torch.float32)
+                    state.memory[state.param_names[id(params[i])]] = state.feedback.initial_memory(share, average)
             return buffer
 
         self.result = state.collectives.allreduce_async(buffer).then(arrived)

@@ -47,6 +47,11 @@ class Feedback:
         """What ``v = x - shift`` subtracts, for schemes without a fused residual."""
         raise NotImplementedError
 
+    def initial_memory(self, x: torch.Tensor, average: torch.Tensor) -> Memory | None:
+        """Memory to start from, set by one dense exchange (``x``: this rank's share, ``average``: the
+        sum over ranks); ``None``: start from zeros without one."""
+        return None
+
     def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         """``v``, the tensor this rank compresses."""
         return x
@@ -96,7 +101,8 @@ class EF21(Feedback):
     """EF21 (Richtarik, Sokolov, Fatkhullin, NeurIPS 2021).
 
     Each rank keeps ``g_i`` (``local``) and sends ``c_i = C(x_i - g_i)``, then ``g_i += c_i``;
-    every rank keeps ``g = sum_i g_i`` (``global``) and moves it by ``sum_i c_i``.
+    every rank keeps ``g = sum_i g_i`` (``global``) and moves it by ``sum_i c_i``. As in the
+    paper, ``g_i`` starts at the first local gradient (one dense exchange), not at zero.
     """
 
     name = "ef21"
@@ -107,6 +113,10 @@ class EF21(Feedback):
 
     def shift(self, mem: Memory) -> torch.Tensor:
         return mem["local"]
+
+    def initial_memory(self, x: torch.Tensor, average: torch.Tensor) -> Memory:
+        # The paper's start: g_i = x_i and g = sum_i g_i, from one dense exchange.
+        return {"local": x.clone(), "global": average.clone()}
 
     def compress_input(self, x: torch.Tensor, mem: Memory) -> torch.Tensor:
         return x - mem["local"]
@@ -123,7 +133,8 @@ class DIANA(Feedback):
     """DIANA / shifted compression (Mishchenko et al. 2019; Shulgin and Richtarik, UAI 2022).
 
     ``g_hat_i = h_i + Q(x_i - h_i)`` and ``h_i += alpha * Q(x_i - h_i)``; every rank keeps
-    ``H = sum_i h_i`` (``global_shift``) so that ``out = H + sum_i Q(x_i - h_i)``.
+    ``H = sum_i h_i`` (``global_shift``) so that ``out = H + sum_i Q(x_i - h_i)``. The shifts
+    start at the first local gradients (one dense exchange), not at zero.
     """
 
     name = "diana"
@@ -134,6 +145,10 @@ class DIANA(Feedback):
 
     def shift(self, mem: Memory) -> torch.Tensor:
         return mem["shift"]
+
+    def initial_memory(self, x: torch.Tensor, average: torch.Tensor) -> Memory:
+        # Shifts start at the local gradients (h_i = x_i, H = sum_i h_i), from one dense exchange.
+        return {"shift": x.clone(), "global_shift": average.clone()}
 
     def __init__(self, compressor: Compressor, alpha: float | None = None):
         self.compressor = compressor

@@ -57,6 +57,9 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     flight: Flight
     if state.step < state.config.warmup_steps or not chosen:
         flight = DenseFlight(state, buffer, params, grads, prepared)
+    elif state.adaptive is None and _memory_starts_here(state, params, chosen):
+        # EF21/DIANA start from the gradient: one dense exchange sets every rank's memory.
+        flight = DenseFlight(state, buffer, params, grads, prepared, start_memory=chosen)
     elif state.adaptive is not None:
         flight = _adaptive_exchange(state, params, grads, chosen, buffer, prepared)
     else:
@@ -67,6 +70,17 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     if bucket.is_last():
         state.finish_step()
     return flight.result
+
+
+def _memory_starts_here(state, params, chosen) -> bool:
+    """The feedback scheme starts from a dense exchange and some tensor of the bucket has no memory yet."""
+    if state.feedback.initial_memory(torch.zeros(1), torch.zeros(1)) is None:
+        return False
+    for i in chosen:
+        mem = state.memory.get(state.param_names[id(params[i])])
+        if mem is None or any(t.numel() != params[i].numel() for t in mem.values()):
+            return True
+    return False
 
 
 def _prepare_momentum(state, params, grads) -> dict[int, Prepared]:

@@ -166,8 +166,13 @@ def _check_shift(rank, world, compressor, feedback):
     for step in range(STEPS):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         old_global = {n: m[global_key].double().clone() for n, m in state.memory.items()}
+        own = local_grads(model, x, y) if step == 0 else None
         sgd_step(ddp, opt, x, y)
-        assert state.stats.compressed_last_step
+        if own is not None:  # g_i (h_i) start at this rank's own share of the first gradient
+            for n, g in own.items():
+                torch.testing.assert_close(state.memory[n][local_key], g.reshape(-1) / world, rtol=1e-6, atol=1e-8)
+        # The papers' start: the first step is one dense exchange that sets g_i (h_i) to the local gradient.
+        assert state.stats.compressed_last_step == (step > 0)
         for n, p in model.named_parameters():
             mem = state.memory[n]
             assert set(mem) == {local_key, global_key} and mem[global_key].dtype == torch.float32
@@ -180,8 +185,9 @@ def _check_shift(rank, world, compressor, feedback):
             assert float(total.abs().max()) > 1e-3, "the shifts moved"
             worst = max(worst, err)
             moved = (p.detach() - before[n]).double().reshape(-1)
-            if feedback == "ef21":
-                # EF21 steps along the new global estimate: x_{t+1} = x_t - gamma * g_{t+1}.
+            if feedback == "ef21" or step == 0:
+                # EF21 steps along the new global estimate: x_{t+1} = x_t - gamma * g_{t+1}; at the dense
+                # start both schemes step along the average, which their global memory now holds.
                 direction = glob
             else:
                 # DIANA steps along H_t + sum_i Q(x_i - h_i), and H_{t+1} = H_t + alpha * sum_i Q(x_i - h_i).
