@@ -140,6 +140,14 @@ def install(ddp: DistributedDataParallel, label: str, gravac: dict, samples_per_
     return "ours", state, run
 
 
+def attach_momentum(kind: str, state, optimizer) -> None:
+    """Ours: the optimizer's momentum goes where the strategies and Accelerate's enable() put it by default."""
+    if kind == "ours":
+        from lightning_compress import attach_optimizer
+
+        attach_optimizer(state, optimizer)
+
+
 def powersgd_elements(model: nn.Module, rank: int) -> tuple[int, int]:
     """Elements PowerSGD allreduces per step: (P and Q of the compressed matrices, uncompressed rest).
 
@@ -202,6 +210,7 @@ def step_mode(args, cfg: str, rank: int, world: int) -> dict:
         if kind == "torch":
             count_allreduce_bytes()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    attach_momentum(kind, state, opt)
 
     rows = []
 
@@ -277,6 +286,7 @@ def digits_mode(args, cfg: str, rank: int, world: int) -> dict:
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, batch_size=args.digits_batch, sampler=sampler)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.digits_lr, momentum=0.9)
+    attach_momentum(kind, state, opt)
     sent_total, steps, cfs, times = 0.0, 0, [], []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
@@ -326,10 +336,7 @@ def tta_mode(args, cfg: str, rank: int, world: int) -> dict:
     ddp = DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.digits_lr, momentum=0.9)
     kind, state, _ = install(ddp, cfg, args.gravac, float(world * args.digits_batch))
-    if kind == "ours":
-        from lightning_compress import attach_optimizer
-
-        attach_optimizer(state, opt)  # as the strategies and enable() do: the SGD momentum into the exchange
+    attach_momentum(kind, state, opt)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, batch_size=args.digits_batch, sampler=sampler)
     clock, steps, curve, reached = 0.0, 0, [], None

@@ -43,7 +43,8 @@ class CompressionConfig:
         momentum: where an attached optimizer's momentum lives (see :mod:`lightning_compress.momentum`):
             ``lookahead`` moves it into the exchange and sends the Nesterov look-ahead (converges
             fastest under compression), ``heavy_ball`` moves it unchanged, ``optimizer`` leaves it
-            in the optimizer, ``auto`` is ``lookahead`` for SGD with momentum and ``optimizer`` otherwise.
+            in the optimizer, ``auto`` is ``lookahead`` for SGD with momentum, Adam and AdamW and
+            ``optimizer`` otherwise.
 
     Raises:
         ValueError: an option has a value outside what is allowed, or options do not fit together.

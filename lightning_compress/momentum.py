@@ -18,7 +18,7 @@ from the parameter's group at every step (so schedules of ``momentum`` or ``beta
   The exchange sends ``s_i`` through the feedback scheme as it sends ``x_i`` otherwise, so
   the averaged result is ``sum_i s_i`` (exactly the optimizer's update direction when nothing
   is compressed); the optimizer steps with momentum, dampening and weight decay 0.
-* Adam / AdamW (``betas`` (b1, b2), opt-in)::
+* Adam / AdamW (``betas`` (b1, b2))::
 
       u_i = b1 * u_i + (1 - b1) * x_i;   s_i = b1 * u_i + (1 - b1) * x_i  (lookahead)  |  u_i
 
@@ -72,8 +72,11 @@ def resolve_mode(mode: str, optimizer: torch.optim.Optimizer) -> str:
     """
     kind = _kind(optimizer)
     if mode == "auto":
-        has_momentum = kind == "sgd" and any(g.get("momentum", 0) for g in optimizer.param_groups)
-        return "lookahead" if has_momentum else "optimizer"
+        # SGD with momentum, Adam and AdamW: moved (benchmarks/results/convergence.md); anything else stays.
+        moves = kind == "adam" or (kind == "sgd" and any(g.get("momentum", 0) for g in optimizer.param_groups))
+        if moves and any(g.get("maximize", False) for g in optimizer.param_groups):
+            return "optimizer"
+        return "lookahead" if moves else "optimizer"
     if mode == "optimizer":
         return mode
     if kind is None:

@@ -185,12 +185,15 @@ def test_resume_with_moved_momentum_is_exact(options):
 
 
 # ----- choosing the mode -------------------------------------------------------------------------------
-def test_auto_moves_sgd_momentum_only():
+def test_auto_moves_sgd_momentum_and_adam_first_moment():
     p = [nn.Parameter(torch.zeros(2))]
     assert resolve_mode("auto", torch.optim.SGD(p, lr=0.1, momentum=0.9)) == "lookahead"
     assert resolve_mode("auto", torch.optim.SGD(p, lr=0.1)) == "optimizer"
-    assert resolve_mode("auto", torch.optim.AdamW(p)) == "optimizer"
-    assert resolve_mode("lookahead", torch.optim.AdamW(p)) == "lookahead"
+    assert resolve_mode("auto", torch.optim.AdamW(p)) == "lookahead"
+    assert resolve_mode("auto", torch.optim.Adam(p)) == "lookahead"
+    assert resolve_mode("auto", torch.optim.RMSprop(p)) == "optimizer"
+    assert resolve_mode("auto", torch.optim.SGD(p, lr=0.1, momentum=0.9, maximize=True)) == "optimizer"
+    assert resolve_mode("optimizer", torch.optim.AdamW(p)) == "optimizer"
     with pytest.raises(ValueError, match="RMSprop"):
         resolve_mode("heavy_ball", torch.optim.RMSprop(p))
     with pytest.raises(ValueError, match="maximize"):
