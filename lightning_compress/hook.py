@@ -4,13 +4,17 @@ This is the only module that knows about DDP's ``GradBucket``.
 """
 
 
+import logging
+import time
 from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kernels.finite import all_finite
+from lightning_compress.agreement import check_agreement
 from lightning_compress.config import CompressionConfig
 from lightning_compress.exchange import CompressedFlight, DenseFlight, Flight, commit_velocities, dense_inputs
 from lightning_compress.momentum import Prepared
@@ -18,7 +22,12 @@ from lightning_compress.state import CompressionState
 
 __all__ = ["compression_hook", "register_compression"]
 
+log = logging.getLogger(__name__)
+
 _ATTR = "_lightning_compress_state"
+# Top-k and DGC payloads carry int32 indices.
+_MAX_INDEXED_NUMEL = 2**31 - 1
+_INDEXED = ("topk", "dgc")
 
 
 def _compressible(state: CompressionState, param: torch.Tensor) -> bool:
@@ -41,6 +50,10 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
        the step.
     4. Memory is written only after a successful exchange. The last bucket closes the step:
        it waits for every bucket in flight (see :mod:`lightning_compress.exchange`).
+    5. At bucket 0 of the first step, and of the first step after a checkpoint was loaded or an
+       optimizer or controller attached, the ranks first compare their settings, step and model
+       (:mod:`lightning_compress.agreement`) and all raise if they differ.
+    6. Sparse gradients (``nn.Embedding(sparse=True)``) are averaged uncompressed, as DDP does.
 
     Usually registered through :func:`register_compression`; by hand it is::
 
@@ -50,11 +63,24 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     buffer = bucket.buffer()
     params, grads = bucket.parameters(), bucket.gradients()
     if bucket.index() == 0:
+        # DDP hands bucket 0 over first: no other collective of this step has been issued yet.
+        when = state.agreement_due()
+        if when is not None:
+            check_agreement(state, when)
+            state.agreed()
         state.pipeline.reset()  # buckets are handed over in order: anything left is from a step that raised
+    flight: Flight
+    if buffer.is_sparse:
+        flight = _sparse_flight(state, buffer, params)
+        state.record_wait(state.pipeline.add(flight))
+        if bucket.is_last() or not state.overlap:
+            state.pipeline.drain(state)
+        if bucket.is_last():
+            state.finish_step()
+        return flight.result
     chosen = [i for i, p in enumerate(params) if _compressible(state, p)]
     state.record_bucket(buffer.numel() * buffer.element_size())
     prepared = _prepare_momentum(state, params, grads)
-    flight: Flight
     if state.step < state.config.warmup_steps or not chosen:
         flight = DenseFlight(state, buffer, params, grads, prepared)
     elif state.adaptive is None and _memory_starts_here(state, params, chosen):
@@ -70,6 +96,35 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     if bucket.is_last():
         state.finish_step()
     return flight.result
+
+
+def _sparse_flight(state: CompressionState, buffer: torch.Tensor, params) -> Flight:
+    """A sparse gradient's bucket, averaged uncompressed by a sparse allreduce (as DDP does without a hook)."""
+    momentum = state.momentum
+    for p in params:
+        if momentum is not None and momentum.manages(p):
+            raise RuntimeError(
+                f"lightning_compress: parameter {state.param_names[id(p)]!r} gets sparse gradients, and the "
+                f"optimizer's momentum (momentum={state.config.momentum!r}, moved into the exchange as "
+                f"{momentum.mode!r}) cannot run on them. Use `momentum='optimizer'` to keep the momentum in the "
+                "optimizer, or a dense embedding (sparse=False), whose gradient is compressed like the others."
+            )
+    start = time.perf_counter()
+    nbytes = buffer._values().numel() * buffer._values().element_size() + buffer._indices().numel() * 8
+    state.record_bucket(nbytes)
+    comm = state.collectives
+    comm.bytes_handed += nbytes
+    comm.bytes_sent += nbytes * (state.world_size - 1)  # gloo's sparse allreduce gathers every rank's entries
+    flight = Flight(buffer)
+    shared = buffer / state.world_size
+    if state.world_size == 1:
+        flight.result.set_result(shared)
+    else:
+        work = dist.all_reduce(shared, group=state.process_group, async_op=True)
+        flight.result = work.get_future().then(lambda fut: fut.value()[0])
+    flight.done = flight.result
+    flight.hook_seconds = time.perf_counter() - start
+    return flight
 
 
 def _memory_starts_here(state, params, chosen) -> bool:
@@ -151,7 +206,13 @@ def register_compression(
 
     Raises:
         TypeError: ``ddp_model`` is not a DDP model, or ``config`` is of an unsupported type.
-        RuntimeError: compression is already registered on this model.
+        ValueError: ``compressor`` is ``topk`` or ``dgc`` (int32 indices) and a tensor it would
+            compress has 2**31 elements or more.
+        RuntimeError: compression is already registered on this model, or the ranks' settings,
+            step or model differ (see :mod:`lightning_compress.agreement`; every rank raises).
+
+    A collective: every rank calls it at the same point. Parameters with sparse gradients
+    (``nn.Embedding(sparse=True)``) are averaged uncompressed, as DDP does.
 
     Example (inside an initialized process group)::
 
@@ -177,12 +238,46 @@ def register_compression(
         config = CompressionConfig.from_dict(config)
     elif not isinstance(config, CompressionConfig):
         raise TypeError(f"`config` must be a CompressionConfig, a dict or a 'key=value,...' string; got {type(config)}")
-    names = {id(p): name for name, p in ddp_model.module.named_parameters()}
-    state = CompressionState(config, names, process_group)
+    named = list(ddp_model.module.named_parameters())
+    _check_index_range(config, named)
+    names = {id(p): name for name, p in named}
+    shapes = {name: tuple(p.shape) for name, p in named}
+    state = CompressionState(config, names, process_group, param_shapes=shapes)
+    sparse = _sparse_parameters(ddp_model.module)
+    if sparse and state.rank == 0:
+        log.warning(
+            "lightning_compress: %s get sparse gradients; they are averaged uncompressed (a sparse allreduce, as "
+            "DDP does). With sparse=False they would be compressed like the other tensors.",
+            sparse,
+        )
     _build_kernels()
+    check_agreement(state, "at registration")
     ddp_model.register_comm_hook(state, compression_hook)
     setattr(ddp_model, _ATTR, state)
     return state
+
+
+def _check_index_range(config: CompressionConfig, named) -> None:
+    """Top-k and DGC send int32 indices: refuse a tensor they would compress that has more entries."""
+    if config.compressor not in _INDEXED:
+        return
+    for name, p in named:
+        if p.dim() > 1 and p.numel() >= max(config.min_numel, 1) and p.numel() > _MAX_INDEXED_NUMEL:
+            raise ValueError(
+                f"parameter {name!r} has {p.numel()} elements; `compressor={config.compressor!r}` sends int32 "
+                f"indices and compresses tensors of at most 2**31 - 1 = {_MAX_INDEXED_NUMEL} elements. Use "
+                "compressor 'randk', 'sign' or 'qsgd' (no indices on the wire), or set `min_numel` above "
+                f"{p.numel()} to exchange it densely."
+            )
+
+
+def _sparse_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters DDP expects sparse gradients for (its own rule: sparse embeddings)."""
+    found = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.sparse:
+            found.extend(f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters(recurse=False))
+    return found
 
 
 def get_compression_state(ddp_model: DistributedDataParallel) -> CompressionState | None:

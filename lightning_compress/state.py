@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -13,13 +14,20 @@ import torch.distributed as dist
 from lightning_compress.config import CompressionConfig
 from lightning_compress.exchange import StepPipeline
 from lightning_compress.feedback import make_feedback
-from lightning_compress.transport import Collectives
+from lightning_compress.transport import Collectives, shard_bounds
 
 __all__ = ["CompressionState", "CompressionStats", "mix_seed"]
 
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+
+#: The layout :meth:`CompressionState.state_dict` writes (format 1 is still read).
+STATE_FORMAT = 2
+_REQUIRED_KEYS = ("format", "world_size", "step", "config", "memory", "server_memory", "stats")
+# Which compressors read a controller-adjustable setting.
+_USES = {"density": ("topk", "dgc", "randk"), "bits": ("qsgd",)}
+_NOT_FINITE = "holds NaN/inf values"
 
 
 def mix_seed(*values: int) -> int:
@@ -86,6 +94,9 @@ class CompressionStats:
         return {**asdict(self), "ratio": self.ratio, "ratio_total": self.ratio_total}
 
 
+_STATS_FIELDS = frozenset(f.name for f in fields(CompressionStats))
+
+
 class CompressionState:
     """The state the compression hook carries: config, per-rank memory, step and stats.
 
@@ -101,6 +112,10 @@ class CompressionState:
     ``overlap`` (default True) lets buckets travel while the backward pass goes on; set it to
     False to finish every bucket's exchange inside its hook call (the same numbers, slower:
     for debugging and comparisons).
+
+    ``param_shapes`` (name -> shape; :func:`~lightning_compress.register_compression` fills it
+    from the model) lets checkpoints be checked tensor by tensor and the ranks compare their
+    models (:mod:`lightning_compress.agreement`).
     """
 
     __slots__ = (
@@ -109,10 +124,12 @@ class CompressionState:
         # process group
         "process_group", "rank", "world_size", "collectives",
         # parameter bookkeeping
-        "param_names", "param_index",
+        "param_names", "param_index", "param_shapes",
         # internal state
         "step", "memory", "server_memory", "velocity", "_pending", "_scratch", "adaptive", "_adaptive_saved",
-        "momentum", "_momentum_saved", "pipeline", "overlap",
+        "momentum", "_momentum_saved", "pipeline", "overlap", "_adjusted",
+        # the ranks' settings check: why one is due at the next step, and what was attached at the last one
+        "_agreement_due", "_agreed_attachments",
         # stats
         "stats", "_step_dense_bytes", "_step_err", "_step_norm", "_step_compressed", "_step_buckets",
         "_step_encode_s", "_step_decode_s", "_step_wait_s", "_step_fallbacks",
@@ -123,6 +140,7 @@ class CompressionState:
         config: CompressionConfig,
         param_names: Mapping[int, str],
         process_group: dist.ProcessGroup | None = None,
+        param_shapes: Mapping[str, Sequence[int]] | None = None,
     ):
         self.process_group = process_group
         initialized = dist.is_available() and dist.is_initialized()
@@ -131,6 +149,7 @@ class CompressionState:
         self.collectives = Collectives(process_group, self.world_size, self.rank)
         self.param_names = dict(param_names)
         self.param_index = {name: i for i, name in enumerate(self.param_names.values())}
+        self.param_shapes = {name: tuple(int(d) for d in shape) for name, shape in (param_shapes or {}).items()}
         self.step = 0
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
         self.server_memory: dict[str, torch.Tensor] = {}
@@ -141,6 +160,10 @@ class CompressionState:
         self.adaptive = None  # an AdaptiveRun (GraVAC) when one is attached
         self._adaptive_saved: dict[str, Any] | None = None  # controller state loaded before attaching
         self._pending: dict[str, Any] = {}
+        self._adjusted: set[str] = set()  # settings a controller changed (request_update): checkpoints restore them
+        # Every rank checks at its first step (see lightning_compress.agreement), so it is due from the start.
+        self._agreement_due: str | None = "at the first step"
+        self._agreed_attachments: tuple[int, int] = (id(None), id(None))
         self.pipeline = StepPipeline()  # the buckets of the current step in flight
         # False: every bucket's exchange finishes before the hook returns (same results, no overlap)
         self.overlap = True
@@ -151,9 +174,9 @@ class CompressionState:
             log.info("lightning_compress: %s on %d ranks via %s", config, self.world_size, self.transport)
             if config.feedback == "doublesqueeze":
                 log.info(
-                    "lightning_compress: DoubleSqueeze compresses twice (worker and aggregate); with SGD + momentum it "
-                    "matched dense accuracy at about 0.6x the learning rate dense training uses "
-                    "(benchmarks/results/convergence.md)"
+                    "lightning_compress: DoubleSqueeze compresses twice (worker and aggregate): where it trails dense "
+                    "accuracy, lower the learning rate (on digits with SGD + momentum, 0.6x closed most of the gap; "
+                    "see the README's convergence results)"
                 )
 
     # ----- configuration ------------------------------------------------------------------
@@ -170,6 +193,23 @@ class CompressionState:
             raise ValueError(f"request_update takes {sorted(allowed)}; got {sorted(changes)}")
         self.config.replace(**{**self._pending, **changes})  # validate before accepting
         self._pending.update(changes)
+        self._adjusted.update(changes)
+
+    # ----- the ranks' settings check ------------------------------------------------------------
+    def agreement_due(self) -> str | None:
+        """Why the ranks must compare digests at this step (see :mod:`lightning_compress.agreement`), or ``None``.
+
+        Due at the first step, after :meth:`load_state_dict`, and after an optimizer (momentum)
+        or an adaptive controller was attached or replaced.
+        """
+        if self._agreement_due is None and (id(self.momentum), id(self.adaptive)) != self._agreed_attachments:
+            return "at the first step after an optimizer or controller was attached"
+        return self._agreement_due
+
+    def agreed(self) -> None:
+        """Record that the ranks just agreed on everything this state holds."""
+        self._agreement_due = None
+        self._agreed_attachments = (id(self.momentum), id(self.adaptive))
 
     # ----- per-step bookkeeping (called by the hook) -----------------------------------------
     def _reset_step_counters(self) -> None:
@@ -287,54 +327,176 @@ class CompressionState:
 
     # ----- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: plain types and tensors only (``torch.load(weights_only=True)`` safe)."""
+        """This rank's state: plain types and tensors only (``torch.load(weights_only=True)`` safe).
+
+        Format 2 adds, to format 1, the shape of the parameter behind every memory and velocity
+        tensor (``"shapes"``) and the settings a controller changed (``"adjusted"``).
+        """
+        saved_names = set(self.memory) | set(self.server_memory) | set(self.velocity)
         return {
-            "format": 1,
+            "format": STATE_FORMAT,
             "rank": self.rank,
             "world_size": self.world_size,
             "step": self.step,
             "config": self.config.to_dict(),
             "pending": dict(self._pending),
+            "adjusted": sorted(self._adjusted),
             "memory": {name: {k: t.detach().clone() for k, t in mem.items()} for name, mem in self.memory.items()},
             "server_memory": {name: t.detach().clone() for name, t in self.server_memory.items()},
             "velocity": {name: t.detach().clone() for name, t in self.velocity.items()},
+            "shapes": {name: list(self.param_shapes[name]) for name in sorted(saved_names & set(self.param_shapes))},
             "momentum": self.momentum.state_dict() if self.momentum is not None else self._momentum_saved,
             "stats": asdict(self.stats),
             "adaptive": self.adaptive.controller.state_dict() if self.adaptive is not None else self._adaptive_saved,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict` (this rank's own, for exact resume).
+        """Restore a state :meth:`state_dict` saved on this rank (format 2, or the earlier format 1).
 
-        The step, stats and the controller-adjustable settings (``density``, ``bits``) are
-        always restored. Memory is restored only when the world size, compressor and feedback
-        match; otherwise it starts fresh, with a warning.
+        Everything is checked before anything changes; a state that is refused leaves this one as it was.
+
+        * Structure: the keys :meth:`state_dict` writes must be there (``ValueError`` naming the missing ones).
+        * Rank: with the same world size the state must be this rank's own (``ValueError``).
+        * World size, compressor, feedback: when one differs, all memory starts from zero (a warning;
+          velocities survive a compressor change).
+        * Per tensor (memory, server memory, velocity): an entry for a name the model does not have is
+          dropped; one saved for another shape (format 1: another size), or holding NaN/inf, starts
+          from zero; one warning names every such tensor and the reason. EF21/DIANA estimates that are
+          not finite are refused (``ValueError``): the ranks share them, and one rank cannot restart alone.
+        * ``density``/``bits``: taken from the checkpoint only when a controller adjusted them
+          (``request_update``, or a GraVAC controller attached or saved) and the compressor is the same;
+          where the checkpoint's value and this run's differ, a warning names both and the one that runs.
+
+        Call it on every rank: the ranks compare settings and step at the next hook call
+        (:mod:`lightning_compress.agreement`).
+
+        Raises:
+            TypeError: ``state`` is not a mapping.
+            ValueError: keys are missing, the format is unknown, the saved config is invalid, the state is
+                another rank's, or EF21/DIANA memory is not finite; or a saved GraVAC state does not fit
+                the attached controller.
         """
-        saved = CompressionConfig.from_dict(state["config"])
+        saved, saved_world, fmt = self._check_structure(state)
+        notes: list[str] = []
+        memory, server_memory = self._restorable_memory(state, saved, saved_world, fmt, notes)
+        velocity = self._restorable_velocity(state, saved_world, fmt, notes)
+        config, pending, adjusted = self._restored_settings(state, saved)
+        stats = {k: v for k, v in dict(state["stats"]).items() if k in _STATS_FIELDS}
+        # The last check that can fail changes nothing when it fails (GraVACController.load_state_dict).
+        saved_adaptive = state.get("adaptive")
+        if saved_adaptive is not None and self.adaptive is not None:
+            self.adaptive.controller.load_state_dict(saved_adaptive)
+        # ----- from here on nothing raises ----------------------------------------------------------
+        if notes:
+            shown = "; ".join(notes[:8]) + (f"; and {len(notes) - 8} more" if len(notes) > 8 else "")
+            warnings.warn(
+                f"lightning_compress: saved compression memory that does not fit this model starts from zero: {shown}. "
+                "Training continues, but not bit-for-bit.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.step = int(state["step"])
-        self.stats = CompressionStats(**{**state["stats"], "world_size": self.world_size})
-        self._set_config(self.config.replace(density=saved.density, bits=saved.bits))
-        self._pending = dict(state.get("pending", {}))
-        self.memory, self.server_memory, self.velocity = {}, {}, {}
-        device = self._device()
-        if int(state["world_size"]) == self.world_size:  # velocities are this rank's share: valid for one world size
-            saved_velocity = state.get("velocity", {})
-            self.velocity = {n: t.to(device=device, dtype=torch.float32).clone() for n, t in saved_velocity.items()}
+        self.stats = CompressionStats(**{**stats, "world_size": self.world_size})
+        if config != self.config:
+            self._set_config(config)
+        self._pending, self._adjusted = pending, adjusted
+        self.memory, self.server_memory, self.velocity = memory, server_memory, velocity
         saved_momentum = state.get("momentum")
         if saved_momentum is not None:
             if self.momentum is not None:
                 self.momentum.load_state_dict(saved_momentum)
             else:
                 self._momentum_saved = dict(saved_momentum)  # applied by attach_optimizer
-        saved_adaptive = state.get("adaptive")
-        if saved_adaptive is not None:
-            if self.adaptive is not None:
-                self.adaptive.controller.load_state_dict(saved_adaptive)
-            else:
-                self._adaptive_saved = dict(saved_adaptive)  # applied by attach_gravac
+        if saved_adaptive is not None and self.adaptive is None:
+            self._adaptive_saved = dict(saved_adaptive)  # applied by attach_gravac
+        self._agreement_due = "at the first step after load_state_dict"
+
+    def _check_structure(self, state: Any) -> tuple[CompressionConfig, int, int]:
+        """The saved config, world size and format, once the keys, format, config and rank are checked."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"load_state_dict takes the dict CompressionState.state_dict() returns; got {type(state).__name__}"
+            )
+        missing = [key for key in _REQUIRED_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"the compression state is missing the key(s) {missing}; load_state_dict takes the dict "
+                f"CompressionState.state_dict() returns (keys {list(_REQUIRED_KEYS)} and more), "
+                f"got keys {sorted(state)}"
+            )
+        fmt = state["format"]
+        if fmt not in (1, STATE_FORMAT):
+            raise ValueError(
+                f"compression state format {fmt!r} is not supported; this version reads formats 1 and {STATE_FORMAT}"
+            )
+        try:
+            saved = CompressionConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the saved compression config is not valid: {err}") from err
+        saved_world = int(state["world_size"])
+        saved_rank = state.get("rank")
+        if saved_world == self.world_size and saved_rank is not None and int(saved_rank) != self.rank:
+            raise ValueError(
+                f"this is rank {saved_rank}'s compression state, but this process is rank {self.rank}: memory "
+                f"belongs to the rank that saved it. Give each rank its own (save state_dict() on every rank, e.g. to "
+                f"'compression-rank{{rank}}.pt', and load rank r's file on rank r)."
+            )
+        return saved, saved_world, int(fmt)
+
+    def _restored_settings(self, state: Mapping[str, Any], saved: CompressionConfig):
+        """``(config, pending, adjusted)`` after the load: controller-set ``density``/``bits`` come back."""
+        adjusted = set(state.get("adjusted") or ())
+        controlled = bool(adjusted) or self.adaptive is not None or state.get("adaptive") is not None
+        restore = controlled and saved.compressor == self.config.compressor
+        changes = {}
+        for key in ("density", "bits"):
+            mine, theirs = getattr(self.config, key), getattr(saved, key)
+            if mine == theirs:
+                continue
+            if restore:
+                changes[key] = theirs
+                warnings.warn(
+                    f"lightning_compress: `{key}={theirs!r}` from the checkpoint (set there by a controller) replaces "
+                    f"this run's `{key}={mine!r}`; compressor {saved.compressor!r} continues with {theirs!r}.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            elif self.config.compressor in _USES[key]:
+                warnings.warn(
+                    f"lightning_compress: this run uses `{key}={mine!r}` as configured; the checkpoint was saved with "
+                    f"`{key}={theirs!r}` (compressor {saved.compressor!r}), which is not restored.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        pending = dict(state.get("pending") or {}) if restore else {}
+        if pending:
+            self.config.replace(**{**changes, **pending})  # validate now, not at the next step
+        return self.config.replace(**changes), pending, adjusted if restore else set()
+
+    def _fit(self, name: str, tensors: dict[str, torch.Tensor], shapes: Mapping[str, Any], fmt: int,
+             numel: int | None = None) -> str | None:  # fmt: skip
+        """Why saved tensors of parameter ``name`` cannot be restored (``None``: they can)."""
+        if self.param_index and name not in self.param_index:
+            return "not a parameter of this model"
+        expected = self.param_shapes.get(name)
+        if expected is not None:
+            saved_shape = shapes.get(name)
+            if fmt >= 2 and saved_shape is not None and tuple(saved_shape) != expected:
+                return f"saved for shape {tuple(saved_shape)}, the parameter has shape {expected}"
+            want = math.prod(expected) if numel is None else numel
+            for key, t in tensors.items():
+                if t.numel() != want:
+                    return f"{key} holds {t.numel()} values, {want} expected"
+        for key, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                return f"{key} {_NOT_FINITE}"
+        return None
+
+    def _restorable_memory(self, state, saved: CompressionConfig, saved_world: int, fmt: int, notes: list[str]):
+        """The memory and server memory to restore, checked tensor by tensor."""
         mismatch = []
-        if int(state["world_size"]) != self.world_size:
-            mismatch.append(f"world size {state['world_size']} -> {self.world_size}")
+        if saved_world != self.world_size:
+            mismatch.append(f"world size {saved_world} -> {self.world_size}")
         for key in ("compressor", "feedback"):
             if getattr(saved, key) != getattr(self.config, key):
                 mismatch.append(f"{key} {getattr(saved, key)!r} -> {getattr(self.config, key)!r}")
@@ -345,17 +507,59 @@ class CompressionState:
                 + "); residuals and shifts (and, for another world size, momentum) start from zero. "
                 "Training continues, but not bit-for-bit.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            return
+            return {}, {}
+        shapes = state.get("shapes") or {}
         device = self._device()
-        self.memory = {
-            name: {k: t.to(device=device, dtype=torch.float32).clone() for k, t in mem.items()}
-            for name, mem in state["memory"].items()
-        }
-        self.server_memory = {
-            name: t.to(device=device, dtype=torch.float32).clone() for name, t in state["server_memory"].items()
-        }
+        keys = set(self.feedback.memory_keys)
+        # EF21/DIANA: the ranks' estimates add up to a shared one; one rank cannot restart its own alone.
+        shared = bool(self.feedback.shared_keys)
+        memory: dict[str, dict[str, torch.Tensor]] = {}
+        for name, mem in dict(state["memory"]).items():
+            mem = dict(mem)
+            if set(mem) != keys:
+                why = f"holds {sorted(mem)}, feedback {self.feedback.name!r} keeps {sorted(keys)}"
+            else:
+                why = self._fit(name, mem, shapes, fmt)
+            if shared and why is not None and why.endswith(_NOT_FINITE):
+                raise ValueError(
+                    f"the saved {self.feedback.name} memory of {name!r}: {why}. {self.feedback.name.upper()} keeps "
+                    "estimates that the ranks share, and one rank cannot restart them alone. Resume from an earlier "
+                    "checkpoint, or empty the memory of every rank's state (state['memory'] = {}) so that all ranks "
+                    "restart it together."
+                )
+            if why is not None:
+                notes.append(f"memory of {name!r}: {why}")
+                continue
+            memory[name] = {k: t.to(device=device, dtype=torch.float32).clone() for k, t in mem.items()}
+        server_memory: dict[str, torch.Tensor] = {}
+        for name, t in dict(state["server_memory"]).items():
+            shard = None
+            expected = self.param_shapes.get(name)
+            if expected is not None:
+                lo, hi = shard_bounds(math.prod(expected), self.world_size, self.rank)
+                shard = hi - lo
+            why = self._fit(name, {"server residual": t}, shapes, fmt, numel=shard)
+            if why is not None:
+                notes.append(f"server memory of {name!r}: {why}")
+                continue
+            server_memory[name] = t.to(device=device, dtype=torch.float32).clone()
+        return memory, server_memory
+
+    def _restorable_velocity(self, state, saved_world: int, fmt: int, notes: list[str]) -> dict[str, torch.Tensor]:
+        """The velocities to restore: this rank's share of the momentum, valid for one world size."""
+        if saved_world != self.world_size:
+            return {}
+        shapes, device = state.get("shapes") or {}, self._device()
+        velocity = {}
+        for name, t in dict(state.get("velocity") or {}).items():
+            why = self._fit(name, {"velocity": t}, shapes, fmt)
+            if why is not None:
+                notes.append(f"velocity of {name!r}: {why}")
+                continue
+            velocity[name] = t.to(device=device, dtype=torch.float32).clone()
+        return velocity
 
     def _device(self) -> torch.device:
         if self.process_group is not None or (dist.is_available() and dist.is_initialized()):

@@ -1,0 +1,456 @@
+"""Failure modes, on 2 gloo ranks where it takes two: ranks that disagree, checkpoints that do not fit,
+values that overflow, sparse and huge parameters, misspelled options, Fabric resume.
+
+Multi-process tests run under :func:`run_bounded`: a short process-group timeout and a join
+deadline, so a regression fails instead of hanging. Assertions run inside the workers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lightning_compress import CompressionConfig, CompressionState, attach_optimizer, register_compression
+from tests._dist import free_port, gather_flat
+
+BASE = dict(block_size=32, min_numel=64)
+
+
+# ----- a bounded launcher -------------------------------------------------------------------------
+def _bounded_entry(rank, world_size, port, pg_timeout_s, fn, args):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s)
+    )
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_bounded(fn, *args, pg_timeout_s: int = 60, deadline_s: int = 240) -> None:
+    """``fn(rank, 2, *args)`` on 2 gloo ranks; fails (never hangs) if a rank fails or runs past ``deadline_s``."""
+    ctx = mp.spawn(_bounded_entry, args=(2, free_port(), pg_timeout_s, fn, args), nprocs=2, join=False)
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise AssertionError(f"{fn.__name__} still running after {deadline_s} s: a hang")
+
+
+def _exit_now() -> None:
+    """Leave a worker whose process group holds an unfinished collective (no barrier: it would not match)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 4))
+
+
+def make_data(rank: int):
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1000 + rank))
+    return x, torch.tanh(x[:, :4])
+
+
+def wrap(model: nn.Module) -> DDP:
+    return DDP(model, bucket_cap_mb=0.004)  # each 48x48 weight in its own bucket
+
+
+def train(ddp, opt, x, y, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+
+
+def raises_on_every_rank(fn, *needles: str) -> str:
+    """Run ``fn``; it must raise a RuntimeError whose message holds every needle."""
+    try:
+        fn()
+    except RuntimeError as err:
+        text = str(err)
+    else:
+        raise AssertionError("no RuntimeError")
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in the message:\n{text}"
+    return text
+
+
+# ----- 1. ranks must agree -------------------------------------------------------------------------
+# field, rank 0's settings, rank 1's settings (on top of BASE)
+DISAGREEMENTS = [
+    ("feedback", dict(compressor="sign", feedback="ef"), dict(compressor="sign", feedback="doublesqueeze")),
+    ("warmup_steps", dict(warmup_steps=0), dict(warmup_steps=2)),
+    ("min_numel", dict(min_numel=64), dict(min_numel=128)),
+    ("transport", dict(compressor="sign", transport="allgather"), dict(compressor="sign", transport="two_pass")),
+    ("compressor", dict(compressor="sign"), dict(compressor="topk", density=0.1)),
+    ("density", dict(compressor="topk", density=0.1), dict(compressor="topk", density=0.2)),
+    ("block_size", dict(block_size=32), dict(block_size=64)),
+    ("bits", dict(compressor="qsgd", bits=8), dict(compressor="qsgd", bits=4, block_size=16)),
+    ("feedback", dict(compressor="topk", density=0.1, feedback="ef"),
+     dict(compressor="topk", density=0.1, feedback="ef21")),
+    ("seed", dict(compressor="randk", density=0.25, feedback="diana", seed=0),
+     dict(compressor="randk", density=0.25, feedback="diana", seed=1)),
+]  # fmt: skip
+
+
+def _registration_worker(rank, world):
+    for field, *settings in DISAGREEMENTS:
+        options = {**BASE, **settings[rank]}
+        values = [repr({**BASE, **s}[field]) for s in settings]
+        configs = [CompressionConfig(**{**BASE, **s}).to_dict() for s in settings]
+        differing = [k for k in configs[0] if configs[0][k] != configs[1][k]]
+        assert field in differing
+        ddp = wrap(make_model())
+        raises_on_every_rank(
+            lambda ddp=ddp, options=options: register_compression(ddp, CompressionConfig(**options)),
+            f"disagree on {', '.join(differing)} (at registration)",
+            f"`{field}`: rank 0 {values[0]}; rank 1 {values[1]}",
+        )
+    # Same shapes, other names (DDP checks shapes only): the parameters differ.
+    model = make_model()
+    if rank == 1:
+        renamed = nn.Sequential()
+        for i, layer in enumerate(model):
+            renamed.add_module(f"layer{i}", layer)
+        model = renamed
+    raises_on_every_rank(
+        lambda: register_compression(wrap(model), CompressionConfig(**BASE)),
+        "`parameters`", "rank 0 6 tensors, #0 '0.weight' (48, 16)", "rank 1 6 tensors, #0 'layer0.weight' (48, 16)",
+    )  # fmt: skip
+    # After all that, ranks that agree register and train.
+    ddp = wrap(make_model())
+    register_compression(ddp, CompressionConfig(**BASE))
+    x, y = make_data(rank)
+    train(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), x, y, 2)
+
+
+def test_ranks_with_different_settings_stop_at_registration_naming_field_and_values():
+    run_bounded(_registration_worker)
+
+
+def _saved_states(steps: int, rank: int, cfg: CompressionConfig) -> list[dict]:
+    """This rank's compression state after 0, 1, ..., ``steps`` steps of a run of its own."""
+    ddp = wrap(make_model())
+    state = register_compression(ddp, cfg)
+    x, y = make_data(rank)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    saved = [state.state_dict()]
+    for _ in range(steps):
+        train(ddp, opt, x, y, 1)
+        saved.append(state.state_dict())
+    return saved
+
+
+def _load_worker(rank, world):
+    cfg = CompressionConfig(compressor="sign", feedback="ef", **BASE)
+    x, y = make_data(rank)
+    saved_at = _saved_states(3, rank, cfg)
+    saved = saved_at[3]
+
+    # Only rank 0 loads, before the first step: the first step's check runs on every rank.
+    ddp = wrap(make_model())
+    state = register_compression(ddp, cfg)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    if rank == 0:
+        state.load_state_dict(saved)
+    raises_on_every_rank(lambda: train(ddp, opt, x, y, 1), "`step`: rank 0 3; rank 1 0", "at the first step")
+
+    # Every rank loads, but not the same step: checked at the next step, after training started.
+    ddp = wrap(make_model())
+    state = register_compression(ddp, cfg)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    train(ddp, opt, x, y, 2)
+    state.load_state_dict(saved_at[1 + 2 * rank])  # rank 0 loads its state of step 1, rank 1 that of step 3
+    raises_on_every_rank(lambda: train(ddp, opt, x, y, 1), "`step`: rank 0 1; rank 1 3", "after load_state_dict")
+
+    # Every rank loads its own state of the same step, after training started: checked once, training goes on.
+    # (A DDP model whose backward raised cannot run again: a new one.)
+    ddp = wrap(make_model())
+    state = register_compression(ddp, cfg)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    train(ddp, opt, x, y, 1)
+    state.load_state_dict(saved)
+    assert state.agreement_due() == "at the first step after load_state_dict"
+    train(ddp, opt, x, y, 2)
+    assert state.step == 5 and state.agreement_due() is None
+
+    # The momentum moved into the exchange on one rank but not on the other (SGD with / without momentum).
+    ddp = wrap(make_model())
+    state = register_compression(ddp, cfg)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9 if rank == 0 else 0.0)
+    attach_optimizer(state, opt)
+    raises_on_every_rank(
+        lambda: train(ddp, opt, x, y, 1),
+        "`momentum`: rank 0 {'optimizer': 'sgd', 'mode': 'lookahead', 'steps_taken': 0}; rank 1 None",
+    )
+
+
+def test_loads_and_optimizers_that_differ_stop_every_rank_at_the_next_step():
+    run_bounded(_load_worker)
+
+
+def _lone_load_worker(rank, world):
+    """State loaded on rank 0 only, after training started: rank 0 cannot know its peer did not load until the
+    peer fails to join the check; it stops after the process group's timeout, saying why, and never issues a
+    gradient collective its peer does not match."""
+    cfg = CompressionConfig(compressor="sign", feedback="ef", **BASE)
+    x, y = make_data(rank)
+    ddp = wrap(make_model())
+    state = register_compression(ddp, cfg)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    train(ddp, opt, x, y, 3)
+    if rank == 0:
+        state.load_state_dict(state.state_dict() | {"step": 1})
+    start = time.monotonic()
+    if rank == 0:
+        raises_on_every_rank(
+            lambda: train(ddp, opt, x, y, 1), "rank 0 waited", "did not come", "load_state_dict on every rank", "step=1"
+        )
+    else:
+        with pytest.raises(RuntimeError):  # its own gradient exchange times out: rank 0 never joined it
+            train(ddp, opt, x, y, 1)
+    assert time.monotonic() - start < 30
+    _exit_now()
+
+
+def test_state_loaded_on_one_rank_after_training_started_stops_within_the_timeout():
+    run_bounded(_lone_load_worker, pg_timeout_s=8, deadline_s=90)
+
+
+# ----- 2. checkpoints that do not fit are refused or start fresh, never half-applied ----------------------
+def _state(config: CompressionConfig, model: nn.Module | None = None) -> CompressionState:
+    """A single-process state for ``model`` (names and shapes as register_compression records them)."""
+    model = model or make_model()
+    named = list(model.named_parameters())
+    return CompressionState(config, {id(p): n for n, p in named}, param_shapes={n: p.shape for n, p in named})
+
+
+def _saved(cfg: CompressionConfig, **changes) -> dict:
+    """A format-2 state at step 7 with memory for two weights, and ``changes`` applied."""
+    state = _state(cfg)
+    state.step = 7
+    for name in ("2.weight", "4.weight"):
+        numel = torch.Size(state.param_shapes[name]).numel()
+        state.memory[name] = {key: torch.full((numel,), 0.5) for key in state.feedback.memory_keys}
+    sd = state.state_dict()
+    sd.update(changes)
+    return sd
+
+
+def _unchanged(state: CompressionState) -> tuple:
+    return state.step, state.config, dict(state.memory), dict(state.velocity)
+
+
+def test_missing_keys_and_foreign_formats_are_refused_by_name():
+    cfg = CompressionConfig(**BASE)
+    state = _state(cfg)
+    before = _unchanged(state)
+    with pytest.raises(ValueError, match=r"missing the key\(s\) \['format', 'world_size', 'step', 'config', 'memory'"):
+        state.load_state_dict({})
+    with pytest.raises(TypeError, match="takes the dict"):
+        state.load_state_dict([1, 2])
+    with pytest.raises(ValueError, match="format 3 is not supported"):
+        state.load_state_dict(_saved(cfg, format=3))
+    with pytest.raises(ValueError, match="saved compression config is not valid: .*compresor"):
+        state.load_state_dict(_saved(cfg, config={**cfg.to_dict(), "compresor": "topk"}))
+    with pytest.raises(ValueError, match="rank 1's compression state, but this process is rank 0"):
+        state.load_state_dict(_saved(cfg, rank=1))
+    assert _unchanged(state) == before, "a refused state changed something"
+
+
+def test_memory_of_another_shape_name_or_size_starts_fresh_with_a_warning_naming_it():
+    cfg = CompressionConfig(**BASE)
+    sd = _saved(cfg)
+    # the same element count, another shape (a transposed layer), a name the model lacks, another size
+    sd["shapes"]["2.weight"] = [24, 96]
+    sd["memory"]["gone.weight"] = {"residual": torch.ones(10)}
+    sd["shapes"]["gone.weight"] = [2, 5]
+    sd["memory"]["0.weight"] = {"residual": torch.ones(10)}
+    state = _state(cfg)
+    with pytest.warns(UserWarning) as record:
+        state.load_state_dict(sd)
+    text = " ".join(str(w.message) for w in record)
+    assert "'2.weight': saved for shape (24, 96), the parameter has shape (48, 48)" in text
+    assert "'gone.weight': not a parameter of this model" in text
+    assert "'0.weight': residual holds 10 values, 768 expected" in text
+    assert set(state.memory) == {"4.weight"} and state.step == 7
+    assert "gone.weight" not in state.state_dict()["memory"], "entries for other models are not saved again"
+
+
+def test_format_1_states_still_load():
+    cfg = CompressionConfig(**BASE)
+    sd = _saved(cfg)
+    for key in ("shapes", "adjusted"):
+        del sd[key]
+    sd["format"] = 1
+    state = _state(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state.load_state_dict(sd)
+    assert set(state.memory) == {"2.weight", "4.weight"} and state.step == 7
+    assert state.state_dict()["format"] == 2 and state.state_dict()["shapes"]["2.weight"] == [48, 48]
+
+
+def test_non_finite_memory_starts_fresh_or_is_refused_where_ranks_share_it():
+    cfg = CompressionConfig(**BASE)
+    sd = _saved(cfg)
+    sd["memory"]["2.weight"]["residual"][3] = float("nan")
+    sd["velocity"] = {"4.weight": torch.full((48 * 48,), float("inf"))}
+    state = _state(cfg)
+    with pytest.warns(UserWarning, match=r"memory of '2.weight': residual holds NaN/inf.*velocity of '4.weight'"):
+        state.load_state_dict(sd)
+    assert set(state.memory) == {"4.weight"} and state.velocity == {}
+    shared = CompressionConfig(compressor="topk", density=0.1, feedback="ef21", **BASE)
+    sd = _saved(shared)
+    sd["memory"]["4.weight"]["global"][0] = float("inf")
+    state = _state(shared)
+    with pytest.raises(ValueError, match=r"ef21 memory of '4.weight': global holds NaN/inf.*cannot restart"):
+        state.load_state_dict(sd)
+    assert state.step == 0 and state.memory == {}
+
+
+def test_density_and_bits_come_from_the_checkpoint_only_when_a_controller_set_them():
+    # A compressor change: the run's bits stay (qsgd, bits=4 no longer becomes 8), with a warning naming both.
+    state = _state(CompressionConfig(compressor="qsgd", bits=4, **{**BASE, "block_size": 16}))
+    with pytest.warns(UserWarning, match=r"uses `bits=4` as configured; the checkpoint was saved with `bits=8`"):
+        state.load_state_dict(_saved(CompressionConfig(**BASE)))
+    assert state.config.bits == 4 and state.compressor.bits == 4
+    # randk at 0.9 after a topk checkpoint at 0.01: 0.9 runs (it used to fail on the restored 0.01).
+    state = _state(CompressionConfig(compressor="randk", density=0.9, feedback="ef", **BASE))
+    with pytest.warns(UserWarning, match=r"`density=0.9` as configured; the checkpoint was saved with `density=0.01`"):
+        state.load_state_dict(_saved(CompressionConfig(compressor="topk", **BASE)))
+    assert state.config.density == 0.9
+    # The same compressor, density changed by the user at resume: the user's value runs, with a warning.
+    state = _state(CompressionConfig(compressor="topk", density=0.2, **BASE))
+    with pytest.warns(UserWarning, match=r"`density=0.2` as configured; the checkpoint was saved with `density=0.1`"):
+        state.load_state_dict(_saved(CompressionConfig(compressor="topk", density=0.1, **BASE)))
+    assert state.config.density == 0.2 and state.compressor.density == 0.2
+    # A controller changed it (request_update): the checkpoint's value comes back, with a warning naming both.
+    controlled = _state(CompressionConfig(compressor="topk", density=0.1, **BASE))
+    controlled.request_update(density=0.05)
+    controlled.finish_step()
+    state = _state(CompressionConfig(compressor="topk", density=0.1, **BASE))
+    with pytest.warns(UserWarning, match=r"`density=0.05` from the checkpoint \(set there by a controller\) replaces "
+                                         r"this run's `density=0.1`"):  # fmt: skip
+        state.load_state_dict(controlled.state_dict())
+    assert state.config.density == 0.05 and state.state_dict()["adjusted"] == ["density"]
+    # ... but not into another compressor.
+    state = _state(CompressionConfig(compressor="randk", density=0.5, feedback="diana", **BASE))
+    with pytest.warns(UserWarning, match="`density=0.5` as configured"):
+        state.load_state_dict(controlled.state_dict())
+    assert state.config.density == 0.5
+
+
+def _rank_and_finite_worker(rank, world):
+    """Rank 0 given rank 1's state is refused; non-finite memory starts fresh and training stays finite."""
+    cfg = CompressionConfig(compressor="sign", feedback="ef", **BASE)
+    x, y = make_data(rank)
+    ddp = wrap(make_model())
+    state = register_compression(ddp, cfg)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    train(ddp, opt, x, y, 2)
+    every = [None, None]
+    dist.all_gather_object(every, state.state_dict())
+    with pytest.raises(ValueError, match=f"rank {1 - rank}'s compression state, but this process is rank {rank}"):
+        state.load_state_dict(every[1 - rank])
+    mine = every[rank]
+    name = next(iter(mine["memory"]))
+    mine["memory"][name]["residual"].fill_(float("nan"))
+    with pytest.warns(UserWarning, match=f"memory of '{name}': residual holds NaN/inf"):
+        state.load_state_dict(mine)
+    assert name not in state.memory
+    train(ddp, opt, x, y, 3)
+    assert all(torch.isfinite(t).all() for m in state.memory.values() for t in m.values())
+    flat = gather_flat(ddp.parameters())
+    assert torch.isfinite(flat[0]).all() and torch.equal(flat[0], flat[1])
+
+
+def test_another_ranks_state_is_refused_and_non_finite_memory_never_reaches_the_parameters():
+    run_bounded(_rank_and_finite_worker)
+
+
+# ----- 5. errors come early and say what to do ----------------------------------------------------------
+class _Bag(nn.Module):
+    """A sparse embedding (its own DDP bucket, sparse gradients) next to dense layers that are compressed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(100, 16, sparse=True)
+        self.body = nn.Sequential(nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 4))
+
+    def forward(self, idx):
+        return self.body(self.emb(idx).reshape(idx.shape[0], -1))
+
+
+def _sparse_worker(rank, world):
+    idx = torch.randint(0, 100, (32, 3), generator=torch.Generator().manual_seed(rank))
+    y = torch.randn(32, 4, generator=torch.Generator().manual_seed(50 + rank))
+    ours = _Bag()
+    ddp = DDP(ours, bucket_cap_mb=0.004)
+    state = register_compression(ddp, CompressionConfig(compressor="sign", feedback="ef", **BASE))
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    for _ in range(3):
+        # What plain DDP gives the embedding: the average of the ranks' sparse gradients.
+        local = torch.autograd.grad(nn.functional.mse_loss(ours(idx), y), ours.emb.weight)[0].to_dense()
+        expected = torch.stack(gather_flat([local])).mean(0).view_as(local)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(idx), y).backward()
+        assert ours.emb.weight.grad.is_sparse
+        torch.testing.assert_close(ours.emb.weight.grad.to_dense(), expected, rtol=1e-6, atol=1e-9)
+        opt.step()
+    assert state.stats.compressed_last_step and state.step == 3
+    assert all(torch.isfinite(t).all() for m in state.memory.values() for t in m.values())
+    flat = gather_flat(ours.parameters())
+    assert torch.equal(flat[0], flat[1]), "the ranks' weights differ"
+    # The optimizer's momentum cannot move into the exchange for a sparse gradient: every rank says so.
+    model = _Bag()
+    ddp = DDP(model, bucket_cap_mb=0.004)
+    state = register_compression(ddp, CompressionConfig(compressor="sign", feedback="ef", **BASE))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    attach_optimizer(state, opt)
+    raises_on_every_rank(lambda: nn.functional.mse_loss(ddp(idx), y).backward(), "'emb.weight' gets sparse gradients",
+                         "momentum='optimizer'")  # fmt: skip
+
+
+def test_sparse_gradients_are_averaged_uncompressed_like_plain_ddp():
+    run_bounded(_sparse_worker)
+
+
+def _huge_worker(rank, world):
+    ddp = DDP(nn.Linear(4, 4))
+    huge = nn.Parameter(torch.empty(2**16, 2**15 + 1, device="meta"))  # 2**31 + 2**16 elements, no memory
+    ddp.module.register_parameter("huge", huge)  # after wrapping: DDP never touches it
+    for compressor in ("topk", "dgc"):
+        expected = rf"'huge' has 2147549184 elements; `compressor='{compressor}'` sends int32"
+        with pytest.raises(ValueError, match=expected):
+            register_compression(ddp, CompressionConfig(compressor=compressor))
+    # Exchanged densely (min_numel above it) or by a compressor without indices: accepted.
+    register_compression(ddp, CompressionConfig(compressor="sign"))
+
+
+def test_tensors_beyond_int32_indices_are_refused_at_registration():
+    run_bounded(_huge_worker)
