@@ -245,18 +245,19 @@ class CompressedFlight(Flight):
                 g.copy_(piece.view_as(g))
         server = getattr(self.transport, "new_server", None)
         for t, (name, grad, mem, out) in enumerate(zip(self.names, self.grads, self.mems, self.transport.batch.outs)):
-            if not self.direct:
-                result, shared = fb.result(out, mem)
-                grad.copy_(result)
-                mem.update(shared)
             error = self.errors[t]
-            update = fb.worker_update(self.vs[t], error, mem)
-            for key, tensor in update.items():
-                if tensor is error:  # the error buffer becomes memory: the old memory is the next buffer
-                    state.give_scratch(name, "error", mem[key])
-            mem.update(update)
+            if fb.fused_residual:  # none, ef, doublesqueeze: the sum is the result, the error the new memory
+                if not self.direct:
+                    grad.copy_(out)
+                update = fb.worker_update(self.vs[t], error, mem)
+                for key, tensor in update.items():
+                    if tensor is error:  # the error buffer becomes memory: the old memory is the next buffer
+                        state.give_scratch(name, "error", mem[key])
+                mem.update(update)
+            else:  # EF21, DIANA: their memory moves in place, now that every rank's message arrived
+                grad.copy_(fb.commit(out, self.vs[t], error, mem))
             if server:
-                state.server_memory[name] = server[t]
+                state.commit_buffer(state.server_memory, name, "server_error", server[t])
         commit_velocities(state, self.params, self.prepared)
 
 
@@ -264,15 +265,16 @@ def _make_transport(state: CompressionState, batch: Batch, names: list[str]) -> 
     kind = state.transport
     if kind != "two_pass":
         return TRANSPORTS[kind](state.collectives, batch)
-    server = None
+    server = server_out = None
     if state.config.feedback == "doublesqueeze":
-        server = []
+        server, server_out = [], []
         for name, numel in zip(names, batch.numels):
             lo, hi = shard_bounds(numel, state.world_size, state.rank)
             mem = state.server_memory.get(name)
             server.append(mem if mem is not None and mem.numel() == hi - lo else torch.zeros(hi - lo, device=batch.device))
+            server_out.append(state.scratch(name, "server_error", hi - lo, batch.device))
     return TwoPassTransport(
-        state.collectives, batch, server_memory=server,
+        state.collectives, batch, server_memory=server, server_out=server_out,
         server_seed=lambda i, r: state.seed(names[i], state.world_size + r),
     )  # fmt: skip
 

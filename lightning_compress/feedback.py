@@ -67,6 +67,17 @@ class Feedback:
     def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
         return aggregate, {}
 
+    def commit(self, aggregate: torch.Tensor, v: torch.Tensor, error: torch.Tensor, mem: Memory) -> torch.Tensor:
+        """After a successful exchange: move ``mem`` in place and return what goes into the gradient.
+
+        The same numbers as :meth:`result` and :meth:`worker_update`, without new tensors;
+        ``aggregate``, ``v`` and ``error`` are scratch buffers it may overwrite.
+        """
+        out, shared = self.result(aggregate, mem)
+        mem.update(self.worker_update(v, error, mem))
+        mem.update(shared)
+        return out
+
 
 NoFeedback = Feedback
 
@@ -128,6 +139,11 @@ class EF21(Feedback):
         out = mem["global"] + aggregate
         return out, {"global": out}
 
+    def commit(self, aggregate, v, error, mem) -> torch.Tensor:
+        message = torch.sub(v, error, out=error)  # C(v_i), what this rank sent
+        mem["local"].add_(message)
+        return mem["global"].add_(aggregate)
+
 
 class DIANA(Feedback):
     """DIANA / shifted compression (Mishchenko et al. 2019; Shulgin and Richtarik, UAI 2022).
@@ -169,6 +185,14 @@ class DIANA(Feedback):
     def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
         step = self.alpha(aggregate.numel())
         return mem["global_shift"] + aggregate, {"global_shift": mem["global_shift"] + step * aggregate}
+
+    def commit(self, aggregate, v, error, mem) -> torch.Tensor:
+        step = self.alpha(aggregate.numel())
+        message = torch.sub(v, error, out=error).mul_(step)  # alpha * Q(x_i - h_i)
+        mem["shift"].add_(message)
+        out = torch.add(mem["global_shift"], aggregate, out=v)
+        mem["global_shift"].add_(aggregate.mul_(step))
+        return out
 
 
 def make_feedback(name: str, compressor: Compressor, *, diana_alpha: float | None = None) -> Feedback:

@@ -304,14 +304,18 @@ class CompressionState:
         """Hand ``tensor`` (no longer referenced elsewhere) back as the scratch buffer ``key``."""
         self._scratch[(name, key)] = tensor
 
+    def commit_buffer(self, store: dict[str, torch.Tensor], name: str, key: str, tensor: torch.Tensor) -> None:
+        """Make ``tensor`` (the ``key`` scratch buffer of ``name``) ``store[name]``; recycle the old one as scratch."""
+        old = store.get(name)
+        store[name] = tensor
+        if old is not None and old.numel() == tensor.numel():
+            self.give_scratch(name, key, old)
+        else:  # the buffer is memory now: the next step needs a scratch buffer of its own
+            self._scratch.pop((name, key), None)
+
     def commit_velocity(self, name: str, velocity: torch.Tensor) -> None:
         """Make ``velocity`` (a ``"velocity"`` scratch buffer) parameter ``name``'s momentum; recycle the old one."""
-        old = self.velocity.get(name)
-        self.velocity[name] = velocity
-        if old is not None and old.numel() == velocity.numel():
-            self.give_scratch(name, "velocity", old)
-        else:  # the buffer is memory now: the next step needs a scratch buffer of its own
-            self._scratch.pop((name, "velocity"), None)
+        self.commit_buffer(self.velocity, name, "velocity", velocity)
 
     def rescale_memory(self, factor: float) -> None:
         """Multiply every residual, shift and velocity (worker and server) by ``factor``.

@@ -250,10 +250,20 @@ class TwoPassTransport(Transport):
 
     passes = 2
 
-    def __init__(self, comm, batch, *, server_memory: list[torch.Tensor] | None, server_seed: Callable[[int, int], int]):
+    def __init__(
+        self,
+        comm,
+        batch,
+        *,
+        server_memory: list[torch.Tensor] | None,
+        server_out: list[torch.Tensor] | None = None,
+        server_seed: Callable[[int, int], int],
+    ):
         super().__init__(comm, batch)
         n, comp = comm.world_size, batch.compressor
         self.server_memory = server_memory  # this rank's server error per tensor (DoubleSqueeze), or None
+        # where the new server errors go (buffers reused between steps), one per tensor
+        self.server_out = server_out or [torch.empty(m.numel(), device=batch.device) for m in server_memory or ()]
         self.server_seed = server_seed  # (tensor, shard) -> seed of the server compression, the same on every rank
         self.bounds = [[shard_bounds(m, n, j) for j in range(n)] for m in batch.numels]
         # Pass 1 rows: shard j of every tensor, laid out the same way in every row (padded to the longest).
@@ -303,7 +313,7 @@ class TwoPassTransport(Transport):
             parts = [comp.payload_in(row, self.row_offsets[r][i], m) for row in rows]
             seeds = [self.batch.seed_of(i, r)] * len(parts)
             if self.server_memory is not None:
-                err_out = torch.empty(m, dtype=torch.float32, device=device)
+                err_out = self.server_out[i]
                 q = comp.server_compress(parts, seeds, self.server_memory[i], err_out, self.server_seed(i, r))
                 self.new_server.append(err_out)
                 payload = q.payload.reshape(-1).view(torch.uint8)
@@ -324,16 +334,16 @@ class TwoPassTransport(Transport):
             return False
         comp = self.batch.compressor
         for j, row in enumerate(self.gathered.unbind(0)):
-            for i, (b, off, out) in enumerate(zip(self.bounds, self.second_offsets, self.batch.outs)):
-                lo, hi = b[j]
-                if hi == lo:
-                    continue
-                piece = out[lo:hi]
-                if self.server_memory is not None:
-                    payload = comp.payload_in(row, off, hi - lo)
-                    comp.decode_add_many_([payload], piece.zero_(), [self.server_seed(i, j)])
-                else:
-                    piece.copy_(row[off : off + 4 * (hi - lo)].view(torch.float32))
+            # Rank j's row holds shard j of every tensor: one batched decode writes them in place.
+            shards = [(i, off, out[b[j][0] : b[j][1]])
+                      for i, (b, off, out) in enumerate(zip(self.bounds, self.second_offsets, self.batch.outs))
+                      if b[j][1] > b[j][0]]  # fmt: skip
+            if self.server_memory is not None:
+                comp.decode_batch([row], [off for _, off, _ in shards], [piece for _, _, piece in shards],
+                                  [self.server_seed(i, j) for i, _, _ in shards])  # fmt: skip
+            else:
+                for _, off, piece in shards:
+                    piece.copy_(row[off : off + 4 * piece.numel()].view(torch.float32))
         return True
 
 
