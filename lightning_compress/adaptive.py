@@ -18,6 +18,7 @@ Gains are those of the whole model (all compressed tensors together), as in the 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from lightning_compress.transport import send_encoded
 __all__ = ["AdaptiveRun", "ADAPTIVE_COMPRESSORS", "qsgd_ladder", "attach_gravac"]
 
 ADAPTIVE_COMPRESSORS = ("topk", "dgc", "qsgd")
+_FP32_MAX = torch.finfo(torch.float32).max
 _QSGD_BITS = (8, 4, 2, 1)
 
 
@@ -117,7 +119,9 @@ class AdaptiveRun:
             seeds = [self._seed(state, n, plan.send_cf == plan.candidate_cf) for n in names]
             aggregates = [state.scratch(n, "agg", g.numel(), g.device) for n, g in zip(names, gs)]
             payloads = [enc.payload for enc in encoded]
-            if not send_encoded(state.transport, state.collectives, comp, payloads, aggregates, seeds, local_finite):
+            # A NaN sum: some value, or a block norm a payload carries, is not finite (see Compressor.compress).
+            sendable = local_finite and not any(math.isnan(v) for v in (err_min, err_cand, norm))
+            if not send_encoded(state.transport, state.collectives, comp, payloads, aggregates, seeds, sendable):
                 return None
             self.bucket_err = err_cand if plan.send_cf == plan.candidate_cf else err_min
             self.bucket_norm = norm
@@ -146,9 +150,10 @@ class AdaptiveRun:
             err_c = state.scratch(name, "err_c", g.numel(), g.device)
             enc_c = ccand.compress(d_min, seed=self._seed(state, name, True), residual_out=err_c)
             total_c = err_c.add_(err_min)  # g - C(g_min) = (g - g_min) + (g_min - C(g_min))
-            norm_sum += float(enc_min.norm_sq)
-            err_min_sum += float(enc_min.err_sq)
-            err_cand_sum += float(torch.dot(total_c, total_c))
+            # Squares of huge finite values overflow fp32: saturate, as the compressors' own sums do (NaN stays).
+            norm_sum += min(float(enc_min.norm_sq), _FP32_MAX)
+            err_min_sum += min(float(enc_min.err_sq), _FP32_MAX)
+            err_cand_sum += min(float(torch.dot(total_c, total_c)), _FP32_MAX)
             if send:
                 if plan.send_cf == plan.candidate_cf:
                     encoded.append(enc_c)

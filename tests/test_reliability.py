@@ -392,6 +392,83 @@ def test_another_ranks_state_is_refused_and_non_finite_memory_never_reaches_the_
     run_bounded(_rank_and_finite_worker)
 
 
+# ----- 3. memory never becomes non-finite ------------------------------------------------------------
+# settings, injected value, ranks that inject it, where (a row of the middle weight, or all of it), and
+# whether the bucket must go dense: a scale or norm overflows (sign's block sum, QSGD's block norm, the
+# DoubleSqueeze server's aggregate), or values are huge but every scale stays finite (sent compressed).
+OVERFLOWS = {
+    "sign+ef, a 1e36 block": (dict(compressor="sign", feedback="ef", block_size=1024, min_numel=64), 1e36, (1,), "all", True),
+    "sign+ef, 3e38 row": (dict(compressor="sign", feedback="ef", **BASE), 3e38, (1,), "row", True),
+    # Each rank's block sum (32 x 7.5e36) is finite, the server's (32 x 1.5e37) is not: dense from the server step.
+    "sign+doublesqueeze, server": (dict(compressor="sign", feedback="doublesqueeze", **BASE), 1.5e37, (0, 1), "all", True),
+    "sign+ef, same values": (dict(compressor="sign", feedback="ef", **BASE), 1.5e37, (0, 1), "all", False),
+    "topk+ef, 1e36": (dict(compressor="topk", density=0.1, feedback="ef", **BASE), 1e36, (1,), "row", False),
+    "topk+ef21, 3e38 both": (dict(compressor="topk", density=0.1, feedback="ef21", **BASE), 3e38, (0, 1), "row", False),
+    "qsgd+ef, 1e36": (dict(compressor="qsgd", feedback="ef", **BASE), 1e36, (1,), "row", False),
+    "qsgd+ef, 3e38 (block norm overflows)": (dict(compressor="qsgd", feedback="ef", **BASE), 3e38, (1,), "row", True),
+    "qsgd+doublesqueeze, 3e38": (dict(compressor="qsgd", feedback="doublesqueeze", **BASE), 3e38, (1,), "row", True),
+    # GraVAC sends through its own path: a non-finite level skips the step densely (its count is not kept).
+    "qsgd+ef+GraVAC, 3e38": (dict(compressor="qsgd", feedback="ef", **BASE), 3e38, (1,), "row", None, True),
+    "topk+ef+GraVAC, 3e38": (dict(compressor="topk", feedback="ef", **BASE), 3e38, (1,), "row", None, True),
+}  # fmt: skip
+
+
+def _all_memory(state) -> list[torch.Tensor]:
+    return [t for m in state.memory.values() for t in m.values()] + list(state.server_memory.values())
+
+
+def _overflow_worker(rank, world, options, value, injectors, where, dense, gravac=False):
+    from lightning_compress import attach_gravac
+
+    x, y = make_data(rank)
+    model = make_model()
+    ddp = wrap(model)
+    state = register_compression(ddp, CompressionConfig(**options))
+    if gravac:
+        attach_gravac(state, window=2, theta_min=2)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    train(ddp, opt, x, y, 3)
+    target = model[2].weight  # the middle weight, a bucket of its own
+    before = {name: {k: t.clone() for k, t in m.items()} for name, m in state.memory.items()}
+    server_before = {name: t.clone() for name, t in state.server_memory.items()}
+
+    def inject(g):
+        g = g.clone()
+        (g[0] if where == "row" else g).fill_(value)
+        return g
+
+    opt.zero_grad()
+    handle = target.register_hook(inject) if rank in injectors else None
+    nn.functional.mse_loss(ddp(x), y).backward()
+    if handle is not None:
+        handle.remove()
+    if dense is not None:
+        assert state.stats.fallback_buckets_last_step == int(dense), state.stats
+    assert all(torch.isfinite(t).all() for t in _all_memory(state)), "memory became non-finite"
+    assert torch.isfinite(target.grad).all()
+    if dense:
+        local = torch.autograd.grad(nn.functional.mse_loss(model(x), y), [target])[0]
+        local = inject(local) if rank in injectors else local
+        expected = torch.stack(gather_flat([local])).div(world).sum(0).view_as(local)
+        torch.testing.assert_close(target.grad, expected, rtol=1e-6, atol=0)
+        name = next(n for n, p in model.named_parameters() if p is target)
+        assert all(torch.equal(t, before[name][k]) for k, t in state.memory[name].items()), "memory changed"
+        if name in server_before:
+            assert torch.equal(state.server_memory[name], server_before[name]), "server memory changed"
+    flat = gather_flat([p.grad for p in model.parameters()])
+    assert torch.equal(flat[0], flat[1]), "the ranks' averaged gradients differ"
+    # Training goes on (without the injected step, as a loss scaler would skip it), finite and identical.
+    train(ddp, opt, x, y, 2)
+    assert all(torch.isfinite(t).all() for t in _all_memory(state))
+    flat = gather_flat(model.parameters())
+    assert torch.isfinite(flat[0]).all() and torch.equal(flat[0], flat[1])
+
+
+@pytest.mark.parametrize("case", list(OVERFLOWS))
+def test_huge_values_never_make_memory_non_finite(case):
+    run_bounded(_overflow_worker, *OVERFLOWS[case])
+
+
 # ----- 5. errors come early and say what to do ----------------------------------------------------------
 class _Bag(nn.Module):
     """A sparse embedding (its own DDP bucket, sparse gradients) next to dense layers that are compressed."""

@@ -165,14 +165,18 @@ class Compressor(ABC):
 
         This is the hot path of error feedback; compressors with a fused kernel do it in one
         pass over ``v`` without materializing ``v`` or ``C(v)``. ``residual_out`` may be
-        ``residual`` itself.
+        ``residual`` itself. ``norm_sq`` is NaN when ``v - C(v)`` is not finite: a value of ``v``,
+        or a scale or norm the payload carries (a QSGD block norm of finite values can overflow),
+        is not, and the hook must not send the payload or keep the residual.
         """
         v = x if residual is None else x + residual
         payload = self.encode(v, seed)
         error = v - self.decode(payload, v.numel(), seed)
         if residual_out is not None:
             residual_out.copy_(error)
-        return Encoded(payload, torch.dot(v, v), torch.dot(error, error))
+        norm_sq = torch.dot(v, v)
+        norm_sq = torch.where(torch.isfinite(error).all(), norm_sq, torch.full_like(norm_sq, float("nan")))
+        return Encoded(payload, norm_sq, torch.dot(error, error))
 
     # ----- a bucket's tensors at once (what the hook calls) ---------------------------------
     def encode_batch(
