@@ -39,7 +39,8 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
 
     Raises:
         ValueError: a compression option is invalid, or a ``ddp_comm_*`` argument is given.
-        TypeError: a compression option has the wrong type.
+        TypeError: a compression option has the wrong type, or a keyword is neither a compression option nor
+            one of DistributedDataParallel's (the message names the closest option).
 
     Example::
 
@@ -133,13 +134,15 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
 
     @override
     def load_checkpoint(self, path: Any, state: Any = None, strict: bool = True, **kwargs: Any) -> dict[str, Any]:
-        if isinstance(state, dict) and state:
-            state = {k: v for k, v in state.items() if k != CHECKPOINT_KEY}
+        # The user's own `state` dict goes through: Fabric restores its plain entries (a step counter, metadata)
+        # into it in place, as plain DDP does. The compression state comes back in the remainder.
         remainder = super().load_checkpoint(path, state, strict=strict, **kwargs)
         blob = remainder.get(CHECKPOINT_KEY) if isinstance(remainder, dict) else None
+        if blob is None and isinstance(state, dict) and isinstance(state.get(CHECKPOINT_KEY), dict):
+            blob = state[CHECKPOINT_KEY]  # the caller asked for it by name: Fabric put it into `state`
         if blob is not None:
             self._loaded_compression = blob
-            if state:  # restored in place: do not hand it back as an unknown leftover
+            if state and isinstance(remainder, dict):  # restored here: not an unknown leftover
                 remainder = {k: v for k, v in remainder.items() if k != CHECKPOINT_KEY}
             if self._hook_active:
                 self._apply_loaded_compression()

@@ -7,6 +7,8 @@ in ``lightning.pytorch``'s strategy registry and, when installed, in ``pytorch_l
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from dataclasses import fields
 from datetime import timedelta
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "lightning_compress"
 _FIELDS = tuple(f.name for f in fields(CompressionConfig))
 _COMM_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper")
+_OWN_ARGS = ("compression", "save_compression_memory", "log_compression_stats")
 _NAMES = (
     ("compressed_ddp", "popen"),
     ("compressed_ddp_spawn", "spawn"),
@@ -73,6 +76,30 @@ def build_config(
     return CompressionConfig.from_dict(base)
 
 
+def _ddp_keywords() -> tuple[str, ...]:
+    """What ``DistributedDataParallel`` takes besides the module (DDP strategies hand their extra keywords to it)."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return tuple(n for n, p in params.items() if n not in ("self", "module") and p.kind == p.POSITIONAL_OR_KEYWORD)
+
+
+def _check_ddp_keywords(strategy: str, ddp_kwargs: Mapping[str, Any]) -> None:
+    """Refuse a keyword neither the strategy nor DDP knows, here, instead of a TypeError inside every worker."""
+    known_ddp = (*_ddp_keywords(), *_COMM_HOOK_ARGS)
+    unknown = [key for key in ddp_kwargs if key not in known_ddp]
+    if not unknown:
+        return
+    ours = (*_FIELDS, *_OWN_ARGS)
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, ours, n=1, cutoff=0.6) or difflib.get_close_matches(key, known_ddp, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    raise TypeError(
+        f"{strategy} got unknown keyword(s) {', '.join(hints)}. Its compression options are {', '.join(ours)}; "
+        "other keywords go to torch's DistributedDataParallel (e.g. bucket_cap_mb, find_unused_parameters, "
+        "static_graph). Fix the spelling or drop the keyword."
+    )
+
+
 class _CompressionCore:
     """Framework-neutral compression bookkeeping of a strategy (Trainer and Fabric)."""
 
@@ -84,6 +111,7 @@ class _CompressionCore:
         log_compression_stats: bool,
         ddp_kwargs: dict[str, Any],
     ) -> None:
+        _check_ddp_keywords(type(self).__name__, ddp_kwargs)
         given = sorted(k for k in _COMM_HOOK_ARGS if ddp_kwargs.get(k) is not None)
         if given:
             raise ValueError(
@@ -102,8 +130,10 @@ class _CompressionCore:
     # ----- public -----------------------------------------------------------------------------
     @property
     def compression_config(self) -> CompressionConfig:
-        """The validated :class:`CompressionConfig` this strategy registers."""
-        return self._compression
+        """The :class:`CompressionConfig` that runs: the one this strategy registers, and once registered the
+        state's (a controller's ``density``/``bits`` restored from a checkpoint included)."""
+        state = self._compression_state
+        return state.config if state is not None else self._compression
 
     @property
     def compression_state(self) -> CompressionState | None:
@@ -341,7 +371,8 @@ class CompressedDDPStrategy(_CompressedDDPMixin, DDPStrategy):
     Raises:
         ValueError: a compression option is invalid, or ``ddp_comm_hook``/``ddp_comm_state``/``ddp_comm_wrapper``
             is given (this strategy registers its own hook).
-        TypeError: a compression option has the wrong type.
+        TypeError: a compression option has the wrong type, or a keyword is neither a compression option nor
+            one of DistributedDataParallel's (the message names the closest option).
 
     Example::
 
