@@ -5,6 +5,10 @@ YAML file (a top-level ``compression:`` section, or a flat mapping of
 :class:`~lightning_compress.CompressionConfig` fields), or the ``compression:`` section of an
 ``accelerate launch --config_file`` YAML (read and stripped by ``accelerate-compress launch``).
 
+A setting that is given but empty -- an empty YAML file, an empty ``compression:`` section -- means the
+:class:`~lightning_compress.CompressionConfig` defaults, under ``accelerate-compress launch`` as under
+``accelerate_compress.enable()``; an unset or empty ``ACCELERATE_COMPRESSION`` gives no setting.
+
 Adaptive control rides along: ``adaptive=gravac`` turns on GraVAC (compressor ``topk``, ``dgc`` or
 ``qsgd`` with ``feedback=ef``), and its parameters are ``gravac_<name>=value`` inline or a ``gravac:``
 mapping in YAML, e.g. ``"compressor=topk,feedback=ef,adaptive=gravac,gravac_window=100"``.
@@ -102,11 +106,21 @@ def _number(raw: str) -> Any:
     return raw
 
 
+def _yaml_problem(err: Exception) -> str:
+    """A YAML parse error in one line: what is wrong and where."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{ENV_VAR}: compression file {path!r} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"compression file {path!r} must hold a mapping; got {type(data).__name__}")
     section = data[SECTION] if SECTION in data else data
@@ -163,7 +177,10 @@ def resolve(*layers: Mapping[str, Any] | None) -> CompressionConfig:
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> CompressionConfig | None:
-    """The config ``ACCELERATE_COMPRESSION`` asks for, or ``None`` when it is unset or empty."""
+    """The config ``ACCELERATE_COMPRESSION`` asks for, or ``None`` when it is unset or empty.
+
+    A YAML file that is empty (or holds an empty ``compression:`` section) gives the defaults.
+    """
     text = (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
     if not text:
         return None

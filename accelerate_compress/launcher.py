@@ -5,18 +5,33 @@ section is stripped and the rest handed to ``accelerate launch`` unchanged), app
 and the ``--compressor/--density/--bits/--feedback/--transport/--adaptive`` options on top (options win over the
 file, the file over the environment), validates the result before any worker starts, and runs the script through
 :mod:`accelerate_compress._bootstrap`, which enables compression inside ``Accelerator.prepare_model``.
+
+Compression is on when any of these is given, even empty: ``ACCELERATE_COMPRESSION`` (an empty YAML file means
+the defaults, as it does for ``accelerate_compress.enable()``), a ``compression:`` section, ``--compression`` or
+an option. The Accelerate config (without the section) is checked with Accelerate's own reader before anything
+starts, so an unknown key or malformed YAML is reported in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import subprocess
 import sys
 import tempfile
 from typing import Any
 
-from accelerate_compress.flag import ADAPTIVE, ENV_VAR, SECTION, adaptive_options, parse_setting, resolve, to_inline
+from accelerate_compress.flag import (
+    ADAPTIVE,
+    ENV_VAR,
+    SECTION,
+    _yaml_problem,
+    adaptive_options,
+    parse_setting,
+    resolve,
+    to_inline,
+)
 
 __all__ = ["main", "plan"]
 
@@ -37,6 +52,10 @@ class LaunchError(ValueError):
     """A launch setting that cannot work; reported before any worker starts."""
 
 
+class ConfigFileError(LaunchError):
+    """The Accelerate config file cannot be read or Accelerate rejects it; reported in one line."""
+
+
 def _accelerate_parser() -> argparse.ArgumentParser:
     from accelerate.commands.launch import launch_command_parser
 
@@ -52,14 +71,18 @@ def _accelerate_parser() -> argparse.ArgumentParser:
 
 def _strip_own_options(tokens: list[str]) -> list[str]:
     """The tokens before the script without this launcher's options (``--x v`` and ``--x=v``)."""
-    own = {f"--{name}" for name in (*_OPTIONS, "compression")}
+    return _drop_option(tokens, tuple(f"--{name}" for name in (*_OPTIONS, "compression")))
+
+
+def _drop_option(tokens: list[str], names: tuple[str, ...]) -> list[str]:
+    """``tokens`` without the options ``names`` (``--x v`` and ``--x=v``)."""
     out, skip = [], False
     for token in tokens:
         if skip:
             skip = False
             continue
         name = token.split("=", 1)[0]
-        if name in own:
+        if name in names:
             skip = "=" not in token
             continue
         out.append(token)
@@ -85,8 +108,8 @@ def _replace_option(tokens: list[str], names: tuple[str, ...], value: str) -> li
     return out
 
 
-def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the Accelerate config without ``compression:``, the compression section)."""
+def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the Accelerate config without ``compression:``, the compression section or ``None`` without one)."""
     import yaml
 
     if not os.path.isfile(path):
@@ -94,14 +117,41 @@ def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not path.endswith((".yaml", ".yml")):
         raise LaunchError(f"--config_file {path!r}: only YAML config files can carry a `{SECTION}:` section")
     with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as err:
+            raise ConfigFileError(f"--config_file {path!r} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise LaunchError(f"--config_file {path!r} must hold a mapping")
     data = dict(data)
-    section = data.pop(SECTION, None) or {}
+    for key in data:
+        if key != SECTION and difflib.get_close_matches(str(key), [SECTION], n=1, cutoff=0.8):
+            raise ConfigFileError(
+                f"--config_file {path!r}: unknown key `{key}:`; did you mean `{SECTION}:`? (the compression section; "
+                "Accelerate rejects keys it does not know)"
+            )
+    if SECTION not in data:
+        return data, None
+    section = data.pop(SECTION) or {}
     if not isinstance(section, dict):
         raise LaunchError(f"`{SECTION}` in {path!r} must be a mapping of option: value; got {section!r}")
     return data, section
+
+
+def _check_accelerate_config(stripped: dict[str, Any], path: str) -> None:
+    """Let Accelerate's own reader check the config ``accelerate launch`` will get; its message, in one line."""
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    with tempfile.TemporaryDirectory(prefix="accelerate_compress_") as tmp:
+        copy = os.path.join(tmp, "accelerate_config.yaml")
+        with open(copy, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(stripped, handle)
+        try:
+            load_config_from_file(copy)
+        except (ValueError, TypeError, KeyError) as err:
+            message = " ".join(str(err).replace(copy, path).split())
+            raise ConfigFileError(f"accelerate rejects --config_file {path!r}: {message}") from None
 
 
 def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -128,7 +178,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
     layers: list[dict[str, Any]] = []
     if environ.get(ENV_VAR, "").strip():
         layers.append(parse_setting(environ[ENV_VAR]))
-    stripped, file_section = None, {}
+    stripped = None
     config_file = args.config_file
     if config_file is None:
         from accelerate.commands.config import default_config_file
@@ -137,11 +187,20 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
             # `accelerate launch` reads the default file itself; a compression section there must go too.
             config_file = default_config_file
             head = ["--config_file", config_file, *head]
+    requested = bool(environ.get(ENV_VAR, "").strip())
     if config_file:
         stripped, file_section = _read_config_file(config_file)
-        layers.append(file_section)
-    if args.compression:
+        if stripped:
+            _check_accelerate_config(stripped, config_file)
+        else:  # the file held only the compression section: accelerate launch goes by its flags
+            head = _drop_option(head, ("--config_file", "--config-file"))
+            stripped = None
+        if file_section is not None:
+            layers.append(file_section)
+            requested = True
+    if args.compression is not None:
         layers.append(parse_setting(args.compression))
+        requested = True
     flags = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
     if "gravac" in flags:
         gravac = parse_setting(",".join(f"gravac_{item.strip()}" for item in flags.pop("gravac").split(",") if item.strip()))
@@ -156,7 +215,8 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
             what = "an integer" if kind is int else "a number"
             raise LaunchError(f"--{name} must be {what}; got {value!r}") from None
     layers.append(flags)
-    wanted = any(layers)
+    # A setting that is given but empty (an empty YAML file, an empty section) means the defaults, as in enable().
+    wanted = requested or bool(flags)
     config = resolve(*layers) if wanted else None
     adaptive = adaptive_options(*layers) if wanted else None
     if adaptive is not None:
@@ -207,6 +267,9 @@ def _launch(argv: list[str]) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pairing advice is repeated by the workers' own validation
             p = plan(argv)
+    except ConfigFileError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError) as err:
         print(f"{PROG}: error: invalid compression setting: {err}", file=sys.stderr)
         return 2
@@ -232,12 +295,17 @@ def _accelerate_launch(argv: list[str], env: dict[str, str]) -> int:
     args = launch_command_parser().parse_args(argv)
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         launch_command(args)
     except subprocess.CalledProcessError as err:
         return err.returncode or 1
-    except Exception as err:  # torchrun's ChildFailedError has already printed the workers' failures
-        print(f"{PROG}: the training processes failed: {type(err).__name__}", file=sys.stderr)
+    except ChildFailedError:  # torchrun has already printed the workers' failures
+        print(f"{PROG}: the training processes failed (see above)", file=sys.stderr)
+        return 1
+    except Exception as err:  # accelerate launch itself refused (its message, not a traceback)
+        print(f"{PROG}: error: accelerate launch: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     finally:
         for key, value in saved.items():

@@ -210,13 +210,14 @@ def test_gravac_under_the_launcher_decides_alike_and_resumes(tmp_path: Path, tra
 
 def test_plan_strips_section_and_options_override_file(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"mixed_precision": "no", "compression": {"compressor": "topk", "density": 0.1}}))
+    accelerate_cfg = {"distributed_type": "MULTI_CPU", "mixed_precision": "no"}  # what Accelerate's reader accepts
+    cfg.write_text(yaml.safe_dump({**accelerate_cfg, "compression": {"compressor": "topk", "density": 0.1}}))
     argv = ["--config_file", str(cfg), "--cpu", "--num_processes", "2", "--compressor=qsgd", "--bits", "4",
             "--feedback", "diana", "train.py", "--bits", "9"]  # fmt: skip
     p = plan(argv, environ={ENV_VAR: "compressor=sign,block_size=128"})
     # options > file > environment; the script's own --bits is untouched
     assert p["config"] == CompressionConfig(compressor="qsgd", density=0.1, bits=4, feedback="diana", block_size=128)
-    assert p["stripped_config"] == {"mixed_precision": "no"}
+    assert p["stripped_config"] == accelerate_cfg
     assert p["accelerate_args"] == ["--multi_gpu", "--config_file", str(cfg), "--num_processes", "2"]
     assert p["tail"] == ["-m", "accelerate_compress._bootstrap", "train.py", "--bits", "9"]
     assert resolve(parse_setting(p["env"][ENV_VAR])) == p["config"] and p["env"]["ACCELERATE_USE_CPU"] == "true"

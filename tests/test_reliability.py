@@ -397,10 +397,12 @@ def test_another_ranks_state_is_refused_and_non_finite_memory_never_reaches_the_
 # whether the bucket must go dense: a scale or norm overflows (sign's block sum, QSGD's block norm, the
 # DoubleSqueeze server's aggregate), or values are huge but every scale stays finite (sent compressed).
 OVERFLOWS = {
-    "sign+ef, a 1e36 block": (dict(compressor="sign", feedback="ef", block_size=1024, min_numel=64), 1e36, (1,), "all", True),
+    "sign+ef, a 1e36 block": (dict(compressor="sign", feedback="ef", block_size=1024, min_numel=64), 1e36, (1,), "all",
+                              True),
     "sign+ef, 3e38 row": (dict(compressor="sign", feedback="ef", **BASE), 3e38, (1,), "row", True),
     # Each rank's block sum (32 x 7.5e36) is finite, the server's (32 x 1.5e37) is not: dense from the server step.
-    "sign+doublesqueeze, server": (dict(compressor="sign", feedback="doublesqueeze", **BASE), 1.5e37, (0, 1), "all", True),
+    "sign+doublesqueeze, server": (dict(compressor="sign", feedback="doublesqueeze", **BASE), 1.5e37, (0, 1), "all",
+                                   True),
     "sign+ef, same values": (dict(compressor="sign", feedback="ef", **BASE), 1.5e37, (0, 1), "all", False),
     "topk+ef, 1e36": (dict(compressor="topk", density=0.1, feedback="ef", **BASE), 1e36, (1,), "row", False),
     "topk+ef21, 3e38 both": (dict(compressor="topk", density=0.1, feedback="ef21", **BASE), 3e38, (0, 1), "row", False),
@@ -531,3 +533,140 @@ def _huge_worker(rank, world):
 
 def test_tensors_beyond_int32_indices_are_refused_at_registration():
     run_bounded(_huge_worker)
+
+
+@pytest.mark.parametrize("which", ["trainer", "fabric"])
+def test_misspelled_strategy_keywords_fail_when_the_strategy_is_built(which):
+    pytest.importorskip("lightning")
+    if which == "trainer":
+        from lightning_compress.strategy import CompressedDDPStrategy
+    else:
+        from lightning_compress.fabric import CompressedDDPStrategy
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) 'compresor' \(did you mean 'compressor'\?\)"):
+        CompressedDDPStrategy(compresor="topk")
+    with pytest.raises(TypeError, match=r"'save_compresion_memory' \(did you mean 'save_compression_memory'\?\)"):
+        CompressedDDPStrategy(save_compresion_memory=False)
+    with pytest.raises(TypeError, match=r"'find_unused_parameter' \(did you mean 'find_unused_parameters'\?\)"):
+        CompressedDDPStrategy(find_unused_parameter=True)
+    # DistributedDataParallel's own keywords still pass through.
+    strategy = CompressedDDPStrategy(compressor="topk", bucket_cap_mb=4, find_unused_parameters=True, static_graph=False)
+    assert strategy.compression_config.compressor == "topk"
+
+
+ACCELERATE_CONFIG = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nuse_cpu: true\n"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (ACCELERATE_CONFIG + "compresion:\n  compressor: sign\n", "unknown key `compresion:`; did you mean `compression:`?"),
+        (ACCELERATE_CONFIG + "num_proceses: 3\ncompression:\n  compressor: sign\n",
+         "accelerate rejects --config_file '{path}': The config file at {path} had unknown keys (['num_proceses'])"),
+        (ACCELERATE_CONFIG + "compression:\n  compressor: sign\n   feedback: ef\n",
+         "is not valid YAML: mapping values are not allowed here at line 7, column 12"),
+    ],
+    ids=["misspelled section", "unknown Accelerate key", "malformed YAML"],
+)
+def test_launcher_reports_config_file_errors_in_one_line(tmp_path, monkeypatch, capsys, text, expected):
+    from accelerate_compress import launcher
+    from accelerate_compress.flag import ENV_VAR
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError(f"a worker was started: {args}")
+
+    monkeypatch.setattr(launcher, "_accelerate_launch", no_worker)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    assert launcher.main(["launch", "--config_file", str(cfg), "train.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("accelerate-compress: error: ") and expected.format(path=cfg) in err, err
+
+
+def test_launcher_shows_accelerates_own_message_when_accelerate_launch_refuses(monkeypatch, capsys):
+    import accelerate.commands.launch as accelerate_launch
+
+    from accelerate_compress import launcher
+
+    def refuse(args):
+        raise ValueError("You need to select a `--num_processes`\n  when using MULTI_CPU.")
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", refuse)
+    assert launcher._accelerate_launch(["train.py"], {}) == 1
+    err = capsys.readouterr().err
+    assert err == ("accelerate-compress: error: accelerate launch: ValueError: You need to select a `--num_processes` "
+                   "when using MULTI_CPU.\n")  # fmt: skip
+
+
+def test_an_empty_compression_file_means_the_defaults_for_the_launcher_and_enable(tmp_path):
+    from accelerate_compress.flag import ENV_VAR, config_from_env
+    from accelerate_compress.launcher import plan
+
+    empty = tmp_path / "compression.yaml"
+    empty.write_text("")
+    environ = {ENV_VAR: str(empty)}
+    assert config_from_env(environ) == CompressionConfig()  # what enable() takes
+    assert plan(["--cpu", "--num_processes", "2", "train.py"], environ=environ)["config"] == CompressionConfig()
+    # An empty section of an --config_file turns it on alike; a file without a section does not.
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(ACCELERATE_CONFIG + "compression:\n")
+    assert plan(["--config_file", str(cfg), "train.py"], environ={})["config"] == CompressionConfig()
+    cfg.write_text(ACCELERATE_CONFIG)
+    assert plan(["--config_file", str(cfg), "train.py"], environ={})["config"] is None
+    # A file holding only the section: accelerate launch goes by its flags, not an empty config it would refuse.
+    cfg.write_text("compression:\n  compressor: topk\n")
+    p = plan(["--config_file", str(cfg), "--cpu", "--num_processes", "2", "train.py"], environ={})
+    assert p["config"].compressor == "topk" and p["stripped_config"] is None
+    assert "--config_file" not in p["accelerate_args"]
+
+
+# ----- 6. Fabric resume keeps the user's values ---------------------------------------------------------------
+def _fabric_loop(fabric, total: int, save_at, path: str, resume: bool):
+    from lightning_compress.strategy import CHECKPOINT_KEY
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 16, generator=g), torch.randn(64, 4, generator=g)
+    net = make_model()
+    model, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    compression = fabric.strategy.compression_state
+    state = {"model": model, "optimizer": opt, "step": 0, "meta": {"note": "fresh"}}
+    if resume:
+        remainder = fabric.load(path, state)
+        assert state["step"] == save_at and state["meta"] == {"note": f"saved at {save_at}"}, state
+        assert CHECKPOINT_KEY not in remainder and CHECKPOINT_KEY not in state
+        assert compression.step == save_at
+    while state["step"] < total:
+        i = ((state["step"] % 4) * 2 + fabric.global_rank) * 8
+        opt.zero_grad()
+        fabric.backward(nn.functional.mse_loss(model(x[i : i + 8]), y[i : i + 8]))
+        opt.step()
+        state["step"] += 1
+        if state["step"] == save_at and not resume:
+            state["meta"] = {"note": f"saved at {save_at}"}
+            fabric.save(path, state)
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).tolist()
+
+
+def test_fabric_load_restores_plain_entries_and_resumes_where_it_stopped(tmp_path):
+    pytest.importorskip("lightning")
+    from lightning.fabric import Fabric
+
+    from lightning_compress.fabric import CompressedDDPStrategy as FabricStrategy
+
+    def run(resume: bool):
+        os.environ["MASTER_PORT"] = str(free_port())
+        strategy = FabricStrategy(start_method="fork", compressor="sign", feedback="ef", **BASE)
+        fabric = Fabric(strategy=strategy, accelerator="cpu", devices=2)
+        return torch.tensor(fabric.launch(_fabric_loop, 6, 3, str(tmp_path / "state.ckpt"), resume))
+
+    saved = os.environ.get("MASTER_PORT")
+    try:
+        full = run(resume=False)
+        resumed = run(resume=True)
+    finally:
+        if saved is None:
+            os.environ.pop("MASTER_PORT", None)
+        else:
+            os.environ["MASTER_PORT"] = saved
+    assert torch.equal(full, resumed), f"max |A - B| = {(full - resumed).abs().max().item()}"
