@@ -70,26 +70,21 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
             state.agreed()
         state.pipeline.reset()  # buckets are handed over in order: anything left is from a step that raised
     flight: Flight
-    if buffer.is_sparse:
+    if buffer.is_sparse:  # DDP hands sparse gradients over in a bucket of their own, no dense views
         flight = _sparse_flight(state, buffer, params)
-        state.record_wait(state.pipeline.add(flight))
-        if bucket.is_last() or not state.overlap:
-            state.pipeline.drain(state)
-        if bucket.is_last():
-            state.finish_step()
-        return flight.result
-    chosen = [i for i, p in enumerate(params) if _compressible(state, p)]
-    state.record_bucket(buffer.numel() * buffer.element_size())
-    prepared = _prepare_momentum(state, params, grads)
-    if state.step < state.config.warmup_steps or not chosen:
-        flight = DenseFlight(state, buffer, params, grads, prepared)
-    elif state.adaptive is None and _memory_starts_here(state, params, chosen):
-        # EF21/DIANA start from the gradient: one dense exchange sets every rank's memory.
-        flight = DenseFlight(state, buffer, params, grads, prepared, start_memory=chosen)
-    elif state.adaptive is not None:
-        flight = _adaptive_exchange(state, params, grads, chosen, buffer, prepared)
     else:
-        flight = CompressedFlight(state, params, grads, chosen, buffer, prepared)
+        chosen = [i for i, p in enumerate(params) if _compressible(state, p)]
+        state.record_bucket(buffer.numel() * buffer.element_size())
+        prepared = _prepare_momentum(state, params, grads)
+        if state.step < state.config.warmup_steps or not chosen:
+            flight = DenseFlight(state, buffer, params, grads, prepared)
+        elif state.adaptive is None and _memory_starts_here(state, params, chosen):
+            # EF21/DIANA start from the gradient: one dense exchange sets every rank's memory.
+            flight = DenseFlight(state, buffer, params, grads, prepared, start_memory=chosen)
+        elif state.adaptive is not None:
+            flight = _adaptive_exchange(state, params, grads, chosen, buffer, prepared)
+        else:
+            flight = CompressedFlight(state, params, grads, chosen, buffer, prepared)
     state.record_wait(state.pipeline.add(flight))
     if bucket.is_last() or not state.overlap:
         state.pipeline.drain(state)

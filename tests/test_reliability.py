@@ -670,3 +670,24 @@ def test_fabric_load_restores_plain_entries_and_resumes_where_it_stopped(tmp_pat
         else:
             os.environ["MASTER_PORT"] = saved
     assert torch.equal(full, resumed), f"max |A - B| = {(full - resumed).abs().max().item()}"
+
+
+def test_integration_restore_paths_make_the_ranks_check_at_the_next_step():
+    """Lightning's and Accelerate's restore paths load through CompressionState.load_state_dict: every rank runs
+    them, so every rank compares digests at its next step (checked in test_loads_and_optimizers_that_differ_stop_every_rank_at_the_next_step)."""
+    pytest.importorskip("lightning")
+    from accelerate_compress.adapter import CompressionCheckpoint
+    from lightning_compress.strategy import CompressedDDPStrategy
+
+    saved = _saved(CompressionConfig(**BASE))
+    strategy = CompressedDDPStrategy(**BASE)
+    state = _state(strategy.compression_config)
+    state.agreed()
+    strategy._loaded_compression = {"world_size": 1, "ranks": [saved]}
+    strategy._compression_state, strategy._hook_active = state, True
+    strategy._apply_loaded_compression()
+    assert state.step == 7 and state.agreement_due() == "at the first step after load_state_dict"
+    state = _state(CompressionConfig(**BASE))
+    state.agreed()
+    CompressionCheckpoint(state).load_state_dict({"world_size": 1, "ranks": [saved]})
+    assert state.step == 7 and state.agreement_due() == "at the first step after load_state_dict"
