@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from dataclasses import fields
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ from lightning_compress.config import CompressionConfig
 if TYPE_CHECKING:
     from lightning_compress.state import CompressionState
 
-__all__ = ["FIELDS", "AgreementError", "check_agreement", "describe"]
+__all__ = ["FIELDS", "AgreementError", "check_agreement", "describe", "digest"]
 
 # Newer PyTorch renames all_gather_into_tensor (and deprecates the old name).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -56,8 +57,9 @@ CONFIG_FIELDS = tuple(f.name for f in fields(CompressionConfig))
 #: Everything the digest covers, one hash each, in this order.
 FIELDS = (*CONFIG_FIELDS, "pending", "step", "world_size", "parameters", "memory", "momentum", "adaptive")
 
-# main process group -> (that group, its gloo check group); one check group per exchange group
-_CHECK_GROUPS: dict[int, tuple[Any, Any]] = {}
+# id(exchange group) -> weak references to (that group, its gloo check group). Weak: torch's registry owns
+# both, and destroy_process_group ends them; a reference here must not keep them alive past that.
+_CHECK_GROUPS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 class AgreementError(RuntimeError):
@@ -118,11 +120,11 @@ def check_agreement(state: CompressionState, when: str) -> None:
         _all_gather_single(gathered.view(-1), mine, group=group)
     except RuntimeError as err:
         raise RuntimeError(
-            f"lightning_compress: rank {state.rank} waited {timeout} for the other ranks' settings check {when}, "
-            "and they did not come. That happens when compression state is loaded on some ranks only after "
-            "training started (the others, knowing of no load, wait for this rank in the step's gradient "
-            "exchange instead): call CompressionState.load_state_dict on every rank, each with its own state, "
-            f"at the same point of the loop. This rank holds step={state.step}. ({err})"
+            f"lightning_compress: rank {state.rank}'s settings check {when} failed: the other ranks did not join it "
+            f"within {timeout} ({err}). The usual cause is compression state loaded on some ranks only after "
+            "training started: the others, knowing of no load, wait for this rank in the step's gradient exchange "
+            "instead. Call CompressionState.load_state_dict on every rank, each with its own state, at the same "
+            f"point of the loop. This rank holds step={state.step}."
         ) from err
     differing = [name for i, name in enumerate(FIELDS) if bool((gathered[:, i] != gathered[0, i]).any())]
     if not differing:
@@ -205,15 +207,16 @@ def _check_group(state: CompressionState) -> tuple[Any, timedelta]:
     """The gloo group the digests travel on, and its timeout (the exchange group's)."""
     main = state.process_group if state.process_group is not None else dist.group.WORLD
     entry = _CHECK_GROUPS.get(id(main))
-    if entry is not None and entry[0] is main and _alive(entry[1]):
-        return entry[1], _timeout(entry[1])
+    group = entry[1]() if entry is not None and entry[0]() is main else None
+    if group is not None and _alive(group):
+        return group, _timeout(group)
     timeout = _timeout(main)
     # Only the members create a subgroup's check group; the default group's is created by all ranks.
     group = dist.new_group(
         dist.get_process_group_ranks(main), timeout=timeout, backend="gloo",
         use_local_synchronization=state.process_group is not None and main is not dist.group.WORLD,
     )  # fmt: skip
-    _CHECK_GROUPS[id(main)] = (main, group)
+    _CHECK_GROUPS[id(main)] = (weakref.ref(main), weakref.ref(group))
     log.debug("lightning_compress: settings check group created (timeout %s)", timeout)
     return group, timeout
 

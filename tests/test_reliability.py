@@ -227,7 +227,8 @@ def _lone_load_worker(rank, world):
     start = time.monotonic()
     if rank == 0:
         raises_on_every_rank(
-            lambda: train(ddp, opt, x, y, 1), "rank 0 waited", "did not come", "load_state_dict on every rank", "step=1"
+            lambda: train(ddp, opt, x, y, 1), "rank 0's settings check", "did not join it", "loaded on some ranks only",
+            "load_state_dict on every rank", "step=1",
         )
     else:
         with pytest.raises(RuntimeError):  # its own gradient exchange times out: rank 0 never joined it
