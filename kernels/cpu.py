@@ -53,8 +53,9 @@ _SIGNATURES = {
     # multi-tensor ops: one call per bucket
     "lc_sign_ef_multi": [_P, _I, _F, _P, _P, _I, _I],
     "lc_sign_decode_multi": [_P, _I, _P, _I, _I, _I, _I],
-    "lc_topk_threshold": [_P, _F, _I, _I],
-    "lc_topk_pass": [_P, _P, _F, _I, _I],
+    "lc_topk_threshold": [_P, _F, _P, _I, _I],
+    "lc_topk_pass": [_P, _P, _F, _P, _I, _I],
+    "lc_sign_ef_velocity_multi": [_P, _I, _P, _P, _P, _I, _I],
     "lc_topk_finish": [_P, _P, _I, _I, _I],
     "lc_sparse_decode_multi": [_P, _P, _I, _I, _I, _I],
     "lc_velocity": [_P, _P, _P, _P, _P, _F, _F, _F, _F, _F, _F, _F, _I, _I, _I],
@@ -276,7 +277,25 @@ class _TopKJob(ctypes.Structure):
         ("x", _P), ("e", _P), ("r", _P), ("n", _I), ("k", _I), ("sample_size", _I), ("sample_rank", _I),
         ("k0", ctypes.c_uint32), ("k1", ctypes.c_uint32), ("values", _P), ("idx", _P),
         ("threshold", ctypes.c_float), ("sq", ctypes.c_float), ("kept_sq", ctypes.c_float), ("status", _I),
+        ("p", _P), ("u_old", _P), ("u_out", _P),
     ]  # fmt: skip
+
+
+class _VParams(ctypes.Structure):
+    _fields_ = [("xs", _F), ("wds", _F), ("m", _F), ("a0", _F), ("a1", _F), ("c", _F), ("post", _F), ("look", _I)]
+
+
+class _SignVSeg(ctypes.Structure):
+    _fields_ = [
+        ("x", _P), ("p", _P), ("u_old", _P), ("u_out", _P), ("e", _P), ("r", _P), ("payload", _P),
+        ("n", _I), ("block", _I), ("first_block", _I),
+    ]  # fmt: skip
+
+
+def _vparams(v) -> _VParams | None:
+    if v is None:
+        return None
+    return _VParams(v.xs, v.wds, v.m, v.a0, v.a1, v.c, v.post, int(v.lookahead))
 
 
 class _TopKChunk(ctypes.Structure):
@@ -298,8 +317,10 @@ def _workers(numel: int) -> int:
     return 1 if numel < _PARALLEL_MIN else max(1, torch.get_num_threads())
 
 
-def sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale):
+def sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale, velocity=None):
     """Encode every tensor into ``wire`` at its offset; returns per-block ``(sq, err)`` (fp32)."""
+    if velocity is not None:
+        return _sign_ef_velocity_multi(xs, residuals, residuals_out, wire, offsets, blocks, velocity)
     T = len(xs)
     segs = (_SignSeg * T)()
     first, base, total = 0, wire.data_ptr(), 0
@@ -311,6 +332,23 @@ def sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale):
     sq, err = torch.empty(first), torch.empty(first)
     fn = _library().lc_sign_ef_multi
     args = (segs, T, scale, sq.data_ptr(), err.data_ptr())
+    _run(lambda lo, hi: fn(*args, lo, hi), _split_even(first, _workers(total)))
+    return sq, err
+
+
+def _sign_ef_velocity_multi(xs, residuals, residuals_out, wire, offsets, blocks, v):
+    T = len(xs)
+    segs = (_SignVSeg * T)()
+    first, base, total = 0, wire.data_ptr(), 0
+    for t, (x, e, r, off, block) in enumerate(zip(xs, residuals, residuals_out, offsets, blocks)):
+        n = x.numel()
+        segs[t] = _SignVSeg(x.data_ptr(), _ptr(v.p[t]), _ptr(v.u_old[t]), v.u_out[t].data_ptr(), _ptr(e), _ptr(r),
+                            base + off, n, block, first)  # fmt: skip
+        first += num_blocks(n, block)
+        total += n
+    sq, err = torch.empty(first), torch.empty(first)
+    fn, params = _library().lc_sign_ef_velocity_multi, _vparams(v)
+    args = (segs, T, ctypes.byref(params), sq.data_ptr(), err.data_ptr())
     _run(lambda lo, hi: fn(*args, lo, hi), _split_even(first, _workers(total)))
     return sq, err
 
@@ -332,7 +370,7 @@ def sign_decode_multi(wires, offsets, outs, blocks, assign):
     return outs
 
 
-def topk_ef_multi(xs, residuals, residuals_out, ks, wire, offsets, scale, samples):
+def topk_ef_multi(xs, residuals, residuals_out, ks, wire, offsets, scale, samples, velocity=None):
     """The exact top-k of every ``v = scale * x + residual`` into ``wire`` (see kernels.topk).
 
     ``samples[t]`` is ``(sample_size, sample_rank, k0, k1)``, or ``None`` to take every entry as
@@ -348,6 +386,9 @@ def topk_ef_multi(xs, residuals, residuals_out, ks, wire, offsets, scale, sample
         n = x.numel()
         size, rank, k0, k1 = sample if sample is not None else (0, 0, 0, 0)
         jobs[t] = _TopKJob(x.data_ptr(), _ptr(e), _ptr(r), n, k, size, rank, k0, k1, base + off, base + off + 4 * k)
+        if velocity is not None:
+            jobs[t].p, jobs[t].u_old = _ptr(velocity.p[t]), _ptr(velocity.u_old[t])
+            jobs[t].u_out = velocity.u_out[t].data_ptr()
         pieces = max(1, min(workers, n // _PARALLEL_MIN))
         for lo, hi in _split_even(n, pieces):
             share = -(-k * (hi - lo) // max(n, 1))
@@ -366,8 +407,10 @@ def topk_ef_multi(xs, residuals, residuals_out, ks, wire, offsets, scale, sample
     lib = _library()
     threshold, pass_, finish = lib.lc_topk_threshold, lib.lc_topk_pass, lib.lc_topk_finish
     by_job = _split_even(T, min(workers, T))
-    _run(lambda lo, hi: threshold(jobs, scale, lo, hi), by_job)
-    _run(lambda lo, hi: pass_(jobs, chunks, scale, lo, hi), _split_even(len(chunks), min(workers, len(chunks))))
+    params = _vparams(velocity)
+    vp = ctypes.byref(params) if params is not None else None
+    _run(lambda lo, hi: threshold(jobs, scale, vp, lo, hi), by_job)
+    _run(lambda lo, hi: pass_(jobs, chunks, scale, vp, lo, hi), _split_even(len(chunks), min(workers, len(chunks))))
     _run(lambda lo, hi: finish(jobs, chunks, len(chunks), lo, hi), by_job)
     return [(j.sq, j.kept_sq, j.status) for j in jobs]
 

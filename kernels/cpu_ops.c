@@ -347,6 +347,33 @@ int64_t lc_all_finite(const float *x, int64_t i0, int64_t i1) {
     return bad ? 0 : 1;
 }
 
+/* ----- the optimizer's momentum, fused in front of the compressors ---------------------------
+ * With a velocity, an op reads v = s + e instead of xscale * x + e, where (kernels/velocity.py)
+ *   x' = x * xs (+ p * wds);  u = u_old ? u_old * m + x' * a1 : x' * a0  (written to u_out);
+ *   s = (look ? u * m + x' * c : u) * post
+ * computed exactly as lc_velocity computes it, so a fused op gives the bits of lc_velocity
+ * followed by the op on s.
+ */
+typedef struct {
+    float xs, wds, m, a0, a1, c, post;
+    int64_t look;
+} lc_vparams;
+
+/* v[i] = s_i (+ e[i]) for i in [0, len), and u_out[i]; pointers already at the span's start. */
+static void velocity_span(const float *x, const float *p, const float *u_old, float *u_out, const float *e, float *v,
+                          int64_t len, const lc_vparams *vp) {
+    const float xs = vp->xs, wds = vp->wds, m = vp->m, a0 = vp->a0, a1 = vp->a1, c = vp->c, post = vp->post;
+    const int look = vp->look != 0;
+    for (int64_t i = 0; i < len; ++i) {
+        float xi = x[i] * xs;
+        if (p) xi = xi + p[i] * wds;
+        const float ui = u_old ? u_old[i] * m + xi * a1 : xi * a0;
+        u_out[i] = ui;
+        const float si = (look ? ui * m + xi * c : ui) * post;
+        v[i] = e ? si + e[i] : si;
+    }
+}
+
 /* ----- multi-tensor ops: one call for every tensor of a bucket ---------------------------
  * A tensor's payload starts at a byte offset of a wire buffer (a multiple of 8, so its
  * fp32 parts are aligned). Calls are split over threads by global block (sign), by chunk
@@ -414,6 +441,45 @@ void lc_sign_ef_multi(const lc_sign_seg *segs, int64_t T, float xscale, float *s
 }
 
 typedef struct {
+    const float *x, *p, *u_old; /* gradient, weights (weight decay, or NULL), old velocity (or NULL) */
+    float *u_out;               /* new velocity */
+    const float *e;             /* residual, or NULL */
+    float *r;                   /* v - C(v) out, or NULL */
+    uint8_t *payload;
+    int64_t n, block, first_block;
+} lc_sign_vseg;
+
+/* lc_sign_ef_multi on v = s + e with the velocity computed in the same pass (see lc_vparams). */
+void lc_sign_ef_velocity_multi(const lc_sign_vseg *segs, int64_t T, const lc_vparams *vp, float *sq_out,
+                               float *err_out, int64_t g0, int64_t g1) {
+    if (g0 >= g1) return;
+    int64_t t = seg_of(&segs[0].first_block, T, g0, sizeof(lc_sign_vseg));
+    float stack[4096];
+    float *tmp = stack;
+    size_t have = 4096;
+    for (int64_t g = g0; g < g1; ++g) {
+        while (t + 1 < T && segs[t + 1].first_block <= g) ++t;
+        const lc_sign_vseg *s = &segs[t];
+        const int64_t nb = (s->n + s->block - 1) / s->block;
+        const int64_t b = g - s->first_block, start = b * s->block;
+        const int64_t len = (s->n - start < s->block) ? s->n - start : s->block;
+        if ((size_t)len > have) {
+            if (tmp != stack) free(tmp);
+            tmp = (float *)malloc(sizeof(float) * (size_t)len);
+            have = (size_t)len;
+        }
+        velocity_span(s->x + start, s->p ? s->p + start : 0, s->u_old ? s->u_old + start : 0, s->u_out + start,
+                      s->e ? s->e + start : 0, tmp, len, vp);
+        float *scales = (float *)s->payload;
+        /* The block as a one-block tensor of its own: the same sums, bits and residual as lc_sign_ef on s + e. */
+        lc_sign_ef(tmp, 0, s->r ? s->r + start : 0, scales + b, sq_out + g, s->payload + 4 * nb + start / 8, len, len,
+                   1.0f, 0, 1);
+        saturate_block(sq_out + g, err_out + g, scales[b], len);
+    }
+    if (tmp != stack) free(tmp);
+}
+
+typedef struct {
     float *out;
     int64_t n, block, first_block;
     int64_t offset; /* of the tensor's payload in every wire */
@@ -452,6 +518,8 @@ typedef struct {
     int32_t *idx;
     float threshold, sq, kept_sq;     /* out */
     int64_t status;                   /* out: 0 done, 1 too few candidates (caller takes the exact path) */
+    const float *p, *u_old;           /* with a velocity (see lc_vparams): weights (or NULL), old velocity */
+    float *u_out;                     /* new velocity */
 } lc_topk_job;
 
 typedef struct {
@@ -489,7 +557,7 @@ static float kth_largest(float *a, int64_t len, int64_t m) {
 
 /* The sampled threshold of jobs [j0, j1): a magnitude about sample_rank of sample_size
  * random entries reach (positions as kernels.topk.sample_threshold draws them). */
-void lc_topk_threshold(lc_topk_job *jobs, float xscale, int64_t j0, int64_t j1) {
+void lc_topk_threshold(lc_topk_job *jobs, float xscale, const lc_vparams *vp, int64_t j0, int64_t j1) {
     const int scaled = xscale != 1.0f;
     for (int64_t q = j0; q < j1; ++q) {
         lc_topk_job *j = &jobs[q];
@@ -499,7 +567,12 @@ void lc_topk_threshold(lc_topk_job *jobs, float xscale, int64_t j0, int64_t j1) 
         for (int64_t s = 0; s < j->sample_size; ++s) {
             int64_t p = (int64_t)(uniform_at((uint64_t)s, j->k0, j->k1) * fn);
             if (p > j->n - 1) p = j->n - 1;
-            const float v = v_at(j, xscale, scaled, p);
+            float v, u;
+            if (vp)
+                velocity_span(j->x + p, j->p ? j->p + p : 0, j->u_old ? j->u_old + p : 0, &u, j->e ? j->e + p : 0, &v,
+                              1, vp);
+            else
+                v = v_at(j, xscale, scaled, p);
             a[s] = v == v ? fabsf(v) : 0.0f;
         }
         j->threshold = kth_largest(a, j->sample_size, j->sample_rank);
@@ -507,78 +580,98 @@ void lc_topk_threshold(lc_topk_job *jobs, float xscale, int64_t j0, int64_t j1) 
     }
 }
 
-/* One pass over chunks [c0, c1): v into r, sum of v^2, and the indices of |v| >= threshold. */
-void lc_topk_pass(const lc_topk_job *jobs, lc_topk_chunk *chunks, float xscale, int64_t c0, int64_t c1) {
-    const int scaled = xscale != 1.0f;
-    for (int64_t c = c0; c < c1; ++c) {
-        lc_topk_chunk *ch = &chunks[c];
-        const lc_topk_job *j = &jobs[ch->job];
-        const float t = j->threshold;
-        float acc[LANES] = {0}, zero[LANES] = {0}; /* zero: sum of v * 0, NaN once a v is inf or NaN */
-        int64_t cnt = 0, i = ch->i0;
+/* The pass over one span: v_i = (xscale) x[i] (+ e[i]) for i in [0, len), written to r (if any),
+ * summed into the 16 lane accumulators acc (v^2) and zero (v * 0), and compacted (index base + i)
+ * when |v| >= t. Lanes follow i from the span start; a span that is not the chunk's last has a
+ * length that is a multiple of LANES, so spans of a chunk sum exactly as one span would. */
+static void topk_span(const float *x, const float *e, float *r, float xscale, int scaled, float t, int64_t len,
+                      int64_t base, lc_topk_chunk *ch, int64_t *count, float *acc, float *zero) {
+    int64_t cnt = *count, i = 0;
 #ifdef __AVX2__
-        {
-            const __m256 xs = _mm256_set1_ps(xscale), tv = _mm256_set1_ps(t);
-            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-            __m256 q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
-            __m256 z0 = _mm256_setzero_ps(), z1 = _mm256_setzero_ps(), zz = _mm256_setzero_ps();
-            for (; i + LANES <= ch->i1; i += LANES) {
-                __m256 v0 = _mm256_loadu_ps(j->x + i), v1 = _mm256_loadu_ps(j->x + i + 8);
-                if (scaled) { v0 = _mm256_mul_ps(v0, xs); v1 = _mm256_mul_ps(v1, xs); }
-                if (j->e) {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(j->e + i));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(j->e + i + 8));
-                }
-                if (j->r) { _mm256_storeu_ps(j->r + i, v0); _mm256_storeu_ps(j->r + i + 8, v1); }
-                q0 = _mm256_add_ps(q0, _mm256_mul_ps(v0, v0));
-                q1 = _mm256_add_ps(q1, _mm256_mul_ps(v1, v1));
-                z0 = _mm256_add_ps(z0, _mm256_mul_ps(v0, zz));
-                z1 = _mm256_add_ps(z1, _mm256_mul_ps(v1, zz));
-                unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v0, absmask), tv, _CMP_GE_OQ))
-                           | ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v1, absmask), tv, _CMP_GE_OQ)) << 8);
-                if (m) {
-                    float lanes[LANES];
-                    _mm256_storeu_ps(lanes, v0);
-                    _mm256_storeu_ps(lanes + 8, v1);
-                    while (m) {
-                        const int l = __builtin_ctz(m);
-                        if (cnt < ch->cap) { ch->cand[cnt] = i + l; ch->cval[cnt] = lanes[l]; }
-                        ++cnt;
-                        m &= m - 1;
-                    }
-                }
+    {
+        const __m256 xs = _mm256_set1_ps(xscale), tv = _mm256_set1_ps(t);
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        __m256 q0 = _mm256_loadu_ps(acc), q1 = _mm256_loadu_ps(acc + 8);
+        __m256 z0 = _mm256_loadu_ps(zero), z1 = _mm256_loadu_ps(zero + 8), zz = _mm256_setzero_ps();
+        for (; i + LANES <= len; i += LANES) {
+            __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+            if (scaled) { v0 = _mm256_mul_ps(v0, xs); v1 = _mm256_mul_ps(v1, xs); }
+            if (e) {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(e + i));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(e + i + 8));
             }
-            _mm256_storeu_ps(acc, q0);
-            _mm256_storeu_ps(acc + 8, q1);
-            _mm256_storeu_ps(zero, z0);
-            _mm256_storeu_ps(zero + 8, z1);
-        }
-#endif
-        for (; i + LANES <= ch->i1; i += LANES)
-            for (int l = 0; l < LANES; ++l) {
-                const float v = v_at(j, xscale, scaled, i + l);
-                if (j->r) j->r[i + l] = v;
-                acc[l] += v * v;
-                zero[l] += v * 0.0f;
-                if (fabsf(v) >= t) {
-                    if (cnt < ch->cap) { ch->cand[cnt] = i + l; ch->cval[cnt] = v; }
+            if (r) { _mm256_storeu_ps(r + i, v0); _mm256_storeu_ps(r + i + 8, v1); }
+            q0 = _mm256_add_ps(q0, _mm256_mul_ps(v0, v0));
+            q1 = _mm256_add_ps(q1, _mm256_mul_ps(v1, v1));
+            z0 = _mm256_add_ps(z0, _mm256_mul_ps(v0, zz));
+            z1 = _mm256_add_ps(z1, _mm256_mul_ps(v1, zz));
+            unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v0, absmask), tv, _CMP_GE_OQ))
+                       | ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v1, absmask), tv, _CMP_GE_OQ)) << 8);
+            if (m) {
+                float lanes[LANES];
+                _mm256_storeu_ps(lanes, v0);
+                _mm256_storeu_ps(lanes + 8, v1);
+                while (m) {
+                    const int l = __builtin_ctz(m);
+                    if (cnt < ch->cap) { ch->cand[cnt] = base + i + l; ch->cval[cnt] = lanes[l]; }
                     ++cnt;
+                    m &= m - 1;
                 }
             }
-        for (int l = 0; i < ch->i1; ++i, ++l) {
-            const float v = v_at(j, xscale, scaled, i);
-            if (j->r) j->r[i] = v;
+        }
+        _mm256_storeu_ps(acc, q0);
+        _mm256_storeu_ps(acc + 8, q1);
+        _mm256_storeu_ps(zero, z0);
+        _mm256_storeu_ps(zero + 8, z1);
+    }
+#endif
+    for (; i < len; i += LANES)
+        for (int l = 0; l < LANES && i + l < len; ++l) {
+            const float a = scaled ? x[i + l] * xscale : x[i + l];
+            const float v = e ? a + e[i + l] : a;
+            if (r) r[i + l] = v;
             acc[l] += v * v;
             zero[l] += v * 0.0f;
             if (fabsf(v) >= t) {
-                if (cnt < ch->cap) { ch->cand[cnt] = i; ch->cval[cnt] = v; }
+                if (cnt < ch->cap) { ch->cand[cnt] = base + i + l; ch->cval[cnt] = v; }
                 ++cnt;
             }
         }
-        ch->count = cnt;
-        const float q = tree16(acc);
-        /* NaN when a value is not finite; else saturated (a square may overflow where its value does not) */
-        ch->sq = tree16(zero) != 0.0f ? NAN : (q < FLT_MAX ? q : FLT_MAX);
+    *count = cnt;
+}
+
+static void topk_close(lc_topk_chunk *ch, int64_t cnt, const float *acc, const float *zero) {
+    ch->count = cnt;
+    const float q = tree16(acc);
+    /* NaN when a value is not finite; else saturated (a square may overflow where its value does not) */
+    ch->sq = tree16(zero) != 0.0f ? NAN : (q < FLT_MAX ? q : FLT_MAX);
+}
+
+/* One pass over chunks [c0, c1): v into r, sum of v^2, and the indices of |v| >= threshold. */
+void lc_topk_pass(const lc_topk_job *jobs, lc_topk_chunk *chunks, float xscale, const lc_vparams *vp, int64_t c0,
+                  int64_t c1) {
+    const int scaled = xscale != 1.0f;
+    enum { TILE = 4096 }; /* a multiple of LANES: tiles of a chunk sum as the whole chunk does */
+    float tile[TILE];
+    for (int64_t c = c0; c < c1; ++c) {
+        lc_topk_chunk *ch = &chunks[c];
+        const lc_topk_job *j = &jobs[ch->job];
+        float acc[LANES] = {0}, zero[LANES] = {0};
+        int64_t cnt = 0;
+        if (!vp) {
+            topk_span(j->x + ch->i0, j->e ? j->e + ch->i0 : 0, j->r ? j->r + ch->i0 : 0, xscale, scaled, j->threshold,
+                      ch->i1 - ch->i0, ch->i0, ch, &cnt, acc, zero);
+        } else {
+            /* v = s + e tile by tile (into r when there is one: it becomes the residual), then the same pass on v. */
+            for (int64_t i = ch->i0; i < ch->i1; i += TILE) {
+                const int64_t len = (ch->i1 - i < TILE) ? ch->i1 - i : TILE;
+                float *v = j->r ? j->r + i : tile;
+                velocity_span(j->x + i, j->p ? j->p + i : 0, j->u_old ? j->u_old + i : 0, j->u_out + i,
+                              j->e ? j->e + i : 0, v, len, vp);
+                topk_span(v, 0, 0, 1.0f, 0, j->threshold, len, i, ch, &cnt, acc, zero);
+            }
+        }
+        topk_close(ch, cnt, acc, zero);
     }
 }
 

@@ -36,6 +36,7 @@ import torch
 from kernels._blocks import as_blocks, block_lengths, byte_aligned, num_blocks
 from kernels._dispatch import path_for
 from kernels.bitpack import pack_bits, unpack_bits
+from kernels.velocity import Velocity, fused_velocity_ok, velocity_many
 
 __all__ = ["SignCode", "sign_ef", "sign_decode_add", "sign_server_step", "sign_payload_nbytes", "sign_ef_multi",
            "sign_decode_multi"]
@@ -202,8 +203,14 @@ def sign_ef_multi(
     *,
     blocks: Sequence[int],
     scale: float = 1.0,
+    velocity: Velocity | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sign_ef` of every tensor, each payload written into ``wire`` (uint8) at its offset.
+
+    With ``velocity`` (see :class:`kernels.velocity.Velocity`; ``scale`` must be 1) each tensor's
+    input is ``s_t + residual_t``, computed in the same pass on the CPU path, and the new
+    velocities are written: the same bits as :func:`kernels.velocity.velocity` followed by
+    this op on ``s``.
 
     ``offsets`` must be multiples of 4 (the scales are fp32). Returns ``(sq, err)`` per block
     of every tensor in order (fp32), see :func:`block_stats`: NaN marks a block that is not
@@ -212,10 +219,14 @@ def sign_ef_multi(
     if not xs:
         empty = torch.empty(0, device=wire.device)
         return empty, empty
-    if _multi_path(xs, blocks) == "cpu":
+    if velocity is not None and scale != 1.0:
+        raise ValueError(f"with a velocity the input scale is the velocity's `xs`; got scale={scale}")
+    if _multi_path(xs, blocks) == "cpu" and (velocity is None or fused_velocity_ok(xs, velocity)):
         from kernels import cpu
 
-        return cpu.sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale)
+        return cpu.sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale, velocity)
+    if velocity is not None:
+        xs = velocity_many(xs, velocity)
     sqs, errs = [], []
     for x, e, r, off, block in zip(xs, residuals, residuals_out, offsets, blocks):
         code = sign_ef(x, e, block=block, residual_out=r, scale=scale)

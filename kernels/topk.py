@@ -34,6 +34,8 @@ import torch
 from kernels._dispatch import path_for
 from kernels.rng import stream_keys, uniform
 from kernels.sign import _check
+from kernels.velocity import Velocity, fused_velocity_ok, velocity_many
+from kernels.velocity import velocity as velocity_fn
 
 __all__ = ["TopKCode", "topk_ef", "scatter_add", "sample_threshold", "topk_ef_multi", "sparse_decode_multi"]
 
@@ -177,6 +179,7 @@ def topk_ef_multi(
     scale: float = 1.0,
     seeds: Sequence[int],
     sample_fraction: float = 0.01,
+    velocity: Velocity | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`topk_ef` of every ``v = scale * x + residual``, payloads into ``wire`` at ``offsets``.
 
@@ -189,24 +192,29 @@ def topk_ef_multi(
     if not xs:
         empty = torch.empty(0, device=device)
         return empty, empty
-    if path_for(xs[0]) == "cpu":
+    if velocity is not None and scale != 1.0:
+        raise ValueError(f"with a velocity the input scale is the velocity's `xs`; got scale={scale}")
+    fused = velocity is None or fused_velocity_ok(xs, velocity)
+    if path_for(xs[0]) == "cpu" and fused:
         from kernels import cpu
 
         samples = []
         for x, k, seed in zip(xs, ks, seeds):
             plan = sample_plan(x.numel(), k, sample_fraction, MULTI_SAMPLE_MAX)
             samples.append(None if plan is None else (*plan, *stream_keys(seed)))
-        results = cpu.topk_ef_multi(xs, residuals, residuals_out, ks, wire, offsets, scale, samples)
+        results = cpu.topk_ef_multi(xs, residuals, residuals_out, ks, wire, offsets, scale, samples, velocity)
         sq, err = [], []
         for t, (s, kept, status) in enumerate(results):
             if status:  # a rare draw let too few entries pass (or a value is NaN): the exact top-k of all
-                v = _value(xs[t], residuals[t], residuals_out[t], scale)
+                v = _value(xs[t], residuals[t], residuals_out[t], scale, velocity, t)
                 code = _finish(v, _lowest_first(v.abs(), ks[t]), torch.dot(v, v), residuals_out[t])
                 s, kept = _stats(code, bool(torch.isfinite(v).all()))
                 _put(wire, offsets[t], code)
             sq.append(s)
             err.append(max(s - kept, 0.0) if s == s else s)
         return torch.tensor(sq, device=device), torch.tensor(err, device=device)
+    if velocity is not None:
+        xs = velocity_many(xs, velocity)
     sq, err = [], []
     for x, e, r, k, off, seed in zip(xs, residuals, residuals_out, ks, offsets, seeds):
         v = x if scale == 1.0 else x * scale
@@ -228,10 +236,14 @@ def _lowest_first(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, tied])
 
 
-def _value(x, residual, residual_out, scale) -> torch.Tensor:
+def _value(x, residual, residual_out, scale, velocity=None, t=0) -> torch.Tensor:
     """``v`` of one tensor: ``residual_out`` holds it after the C pass, else it is formed again."""
     if residual_out is not None:
         return residual_out
+    if velocity is not None:  # s again, into scratch (the pass wrote the new velocity already)
+        s, u = torch.empty_like(x, dtype=torch.float32), torch.empty_like(x, dtype=torch.float32)
+        velocity_fn(x, velocity.p[t], velocity.u_old[t], u, s, **velocity.scalars())
+        x, scale = s, 1.0
     v = x if scale == 1.0 else x * scale
     return v if residual is None else v + residual
 

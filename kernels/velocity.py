@@ -15,11 +15,50 @@ SGD (momentum m, dampening d): ``a0 = 1, a1 = 1 - d, c = 1, post = 1``; Adam (b1
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import torch
 
 from kernels._dispatch import path_for
 
-__all__ = ["velocity"]
+__all__ = ["Velocity", "fused_velocity_ok", "velocity", "velocity_many"]
+
+
+class Velocity(NamedTuple):
+    """The optimizer's momentum in front of a multi-tensor op: the op reads ``s_t + residual_t``
+    (``s`` as :func:`velocity` defines it from the op's inputs ``x_t``) and writes ``u_out[t]``."""
+
+    p: Sequence[torch.Tensor | None]  # weights, for the weight decay (None: none)
+    u_old: Sequence[torch.Tensor | None]  # old velocities (None: the first step)
+    u_out: Sequence[torch.Tensor]  # new velocities
+    xs: float
+    wds: float
+    m: float
+    a0: float
+    a1: float
+    c: float
+    post: float
+    lookahead: bool
+
+    def scalars(self) -> dict:
+        return dict(xs=self.xs, wds=self.wds, m=self.m, a0=self.a0, a1=self.a1, c=self.c, post=self.post,
+                    lookahead=self.lookahead)  # fmt: skip
+
+
+def fused_velocity_ok(xs: Sequence[torch.Tensor], spec: Velocity) -> bool:
+    """Every input is what a fused CPU op reads in place: contiguous fp32, weights and velocities too."""
+    tensors = [*xs, *(t for t in spec.p if t is not None), *(t for t in spec.u_old if t is not None), *spec.u_out]
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def velocity_many(xs: Sequence[torch.Tensor], spec: Velocity) -> list[torch.Tensor]:
+    """``s_t`` of every tensor, in new fp32 buffers, with ``spec.u_out`` filled (the unfused path)."""
+    out = []
+    for t, x in enumerate(xs):
+        s = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+        velocity(x, spec.p[t], spec.u_old[t], spec.u_out[t], s, **spec.scalars())
+        out.append(s)
+    return out
 
 
 def velocity_torch(g, p, u_old, u_out, s_out, xs, wds, m, a0, a1, c, post, lookahead) -> None:

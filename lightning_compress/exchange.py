@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kernels.finite import all_finite
+from kernels.velocity import Velocity
 from lightning_compress.transport import (
     TRANSPORTS,
     Batch,
@@ -138,7 +139,10 @@ class CompressedFlight(Flight):
         # x = grad / world: read in place by compressors that fuse the scale, else widened and scaled;
         # with the optimizer's momentum in the exchange, s_i (already divided) instead.
         fused = comp.fused_scale and all(g.dtype == torch.float32 and g.is_contiguous() for g in flat)
-        if prepared:
+        velocity = _fused_velocity(comp, fb, chosen, prepared) if fused else None
+        if velocity is not None:  # the compressor forms s_i from the gradients in its own pass
+            xs, scale = flat, 1.0
+        elif prepared:
             xs = [prepared[i].s if i in prepared else self._scaled(name, g, world)
                   for i, name, g in zip(chosen, self.names, flat)]  # fmt: skip
             scale = 1.0
@@ -169,7 +173,7 @@ class CompressedFlight(Flight):
         batch = Batch(comp, numels, outs, self._seed_of, device)
         self.transport = _make_transport(state, batch, self.names)
         wire = self.transport.new_wire()
-        self.norm_sq, self.err_sq = self.transport.encode(wire, xs, residuals, self.errors, scale)
+        self.norm_sq, self.err_sq = self.transport.encode(wire, xs, residuals, self.errors, scale, velocity)
         finite = torch.isfinite(self.norm_sq)
 
         # The tensors that stay dense (1-D, small) travel in one allreduce beside the payloads.
@@ -259,6 +263,18 @@ class CompressedFlight(Flight):
             if server:
                 state.commit_buffer(state.server_memory, name, "server_error", server[t])
         commit_velocities(state, self.params, self.prepared)
+
+
+def _fused_velocity(comp, fb, chosen: list[int], prepared: dict) -> Velocity | None:
+    """The momentum of every compressed tensor, for a compressor that forms it in its own pass;
+    ``None`` when that cannot be (one velocity setting per bucket, EF-like feedback only)."""
+    if not (prepared and comp.fused_velocity and fb.fused_residual) or any(i not in prepared for i in chosen):
+        return None
+    first = prepared[chosen[0]].scalars
+    if any(prepared[i].scalars != first for i in chosen):
+        return None
+    return Velocity([prepared[i].p for i in chosen], [prepared[i].u_old for i in chosen],
+                    [prepared[i].velocity for i in chosen], **first)  # fmt: skip
 
 
 def _make_transport(state: CompressionState, batch: Batch, names: list[str]) -> Transport:

@@ -37,7 +37,7 @@ bucket's exchange succeeded, rescaled with the loss scale and saved in checkpoin
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -48,11 +48,31 @@ __all__ = ["ExchangeMomentum", "attach_optimizer"]
 log = logging.getLogger(__name__)
 
 
-class Prepared(NamedTuple):
-    """One parameter's input to the exchange and the velocity to commit after it."""
+class Prepared:
+    """One parameter's input to the exchange, ``s_i``, and the velocity to commit after it.
 
-    s: torch.Tensor  # fp32, flat, already divided by the world size
-    velocity: torch.Tensor
+    ``s`` is computed when first read; a compressor that fuses the velocity into its own pass
+    reads ``grad``, ``p``, ``u_old`` and ``scalars`` instead and writes ``velocity`` itself.
+    """
+
+    __slots__ = ("grad", "p", "u_old", "velocity", "scalars", "_s_buffer", "_s")
+
+    def __init__(self, grad, p, u_old, velocity, scalars: dict, s_buffer: torch.Tensor):
+        self.grad = grad  # the flat gradient view (any float dtype)
+        self.p = p  # fp32 weights for the weight decay, or None
+        self.u_old = u_old  # the committed velocity, or None (the first step)
+        self.velocity = velocity  # where the new velocity goes (a scratch buffer until committed)
+        self.scalars = scalars  # xs, wds, m, a0, a1, c, post, lookahead (kernels.velocity)
+        self._s_buffer = s_buffer
+        self._s: torch.Tensor | None = None
+
+    @property
+    def s(self) -> torch.Tensor:
+        """``s_i`` (fp32, flat, already divided by the world size); fills ``velocity`` too."""
+        if self._s is None:
+            velocity(self.grad, self.p, self.u_old, self.velocity, self._s_buffer, **self.scalars)
+            self._s = self._s_buffer
+        return self._s
 
 
 def _kind(optimizer: torch.optim.Optimizer) -> str | None:
@@ -149,9 +169,8 @@ class ExchangeMomentum:
             a0 = a1 = c = 1.0 - m
             post = 1.0 / (1.0 - m ** (self.steps_taken + 1))  # Adam's bias correction for this step
             lookahead = self.mode == "lookahead"
-        velocity(grad.reshape(-1), p, old, u, s, xs=1.0 / world, wds=wd / world, m=m, a0=a0, a1=a1, c=c,
-                 post=post, lookahead=lookahead)  # fmt: skip
-        return Prepared(s, u)
+        scalars = dict(xs=1.0 / world, wds=wd / world, m=m, a0=a0, a1=a1, c=c, post=post, lookahead=lookahead)
+        return Prepared(grad.reshape(-1), p, old, u, scalars, s)
 
     # ----- the optimizer side -------------------------------------------------------------------
     def _before_step(self, optimizer, args, kwargs) -> None:

@@ -182,11 +182,11 @@ class Transport:
         """A zeroed wire buffer this transport sends."""
         return torch.zeros(self.layout.total, dtype=self.batch.compressor.payload_dtype, device=self.batch.device)
 
-    def encode(self, wire, xs, residuals, residuals_out, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, wire, xs, residuals, residuals_out, scale: float, velocity=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress every tensor into ``wire``; ``(sum ||v||^2, sum ||v - C(v)||^2)`` (0-d tensors)."""
         seeds = [self.batch.seed_of(t, 0) for t in range(len(xs))]
         return self.batch.compressor.encode_batch(
-            xs, residuals, residuals_out, wire, self.layout.offsets, seeds=seeds, scale=scale
+            xs, residuals, residuals_out, wire, self.layout.offsets, seeds=seeds, scale=scale, velocity=velocity
         )
 
     def set_flag(self, wire: torch.Tensor, finite: torch.Tensor) -> None:
@@ -281,14 +281,17 @@ class TwoPassTransport(Transport):
     def new_wire(self) -> torch.Tensor:
         return torch.zeros(self.comm.world_size, self.row_bytes, dtype=torch.uint8, device=self.batch.device)
 
-    def encode(self, wire, xs, residuals, residuals_out, scale):
+    def encode(self, wire, xs, residuals, residuals_out, scale, velocity=None):
         n, T = self.comm.world_size, len(xs)
         cut = lambda ts: [None if t is None else t[b[j][0] : b[j][1]] for j in range(n) for t, b in zip(ts, self.bounds)]
         offsets = [j * self.row_bytes + self.row_offsets[j][t] for j in range(n) for t in range(T)]
         seeds = [self.batch.seed_of(t, j) for j in range(n) for t in range(T)]
+        if velocity is not None:  # shard the velocity's tensors alike
+            velocity = velocity._replace(p=cut(velocity.p), u_old=cut(velocity.u_old), u_out=cut(velocity.u_out))
         return self.batch.compressor.encode_batch(
-            cut(xs), cut(residuals), cut(residuals_out), wire.view(-1), offsets, seeds=seeds, scale=scale
-        )
+            cut(xs), cut(residuals), cut(residuals_out), wire.view(-1), offsets, seeds=seeds, scale=scale,
+            velocity=velocity,
+        )  # fmt: skip
 
     def set_flag(self, wire, finite) -> None:
         wire[:, self.row_flag] = torch.logical_not(finite).to(torch.uint8)

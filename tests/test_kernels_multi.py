@@ -245,3 +245,52 @@ def test_velocity_cpu_matches_twin_and_means_the_formula(monkeypatch, case, firs
     torch.testing.assert_close(out["cpu"][0].double(), u, rtol=0, atol=bound_u)
     terms = u.abs() * k["m"] + x.abs() * k["c"] if k["lookahead"] else u.abs()
     torch.testing.assert_close(out["cpu"][1].double(), s, rtol=0, atol=4 * ulp * float(terms.max()) * k["post"] + bound_u)
+
+
+@needs_cpu
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+def test_multi_ops_with_velocity_equal_velocity_then_op(monkeypatch, path, first):
+    """sign_ef_multi and topk_ef_multi with a velocity: the bits of kernels.velocity then the op on s."""
+    from kernels.velocity import Velocity, velocity
+
+    monkeypatch.setenv(ENV_VAR, path)
+    g = torch.Generator().manual_seed(9)
+    sizes = (7, 1023, 4097, 300_001)
+    grad, p, old, e = ([torch.randn(n, generator=g) for n in sizes] for _ in range(4))
+    k = dict(xs=0.5, wds=1e-3, m=0.9, a0=1.0, a1=1.0, c=1.0, post=1.0, lookahead=True)
+    u_ref, s = [torch.empty(n) for n in sizes], [torch.empty(n) for n in sizes]
+    for t in range(len(sizes)):
+        velocity(grad[t], p[t], None if first else old[t], u_ref[t], s[t], **k)
+    blocks = blocks_for(sizes, 64)
+    offsets, total = aligned_offsets([sign_payload_nbytes(n, b) for n, b in zip(sizes, blocks)])
+    runs = []
+    for fused in (True, False):
+        u = [torch.empty(n) for n in sizes]
+        r, wire = [torch.empty(n) for n in sizes], torch.zeros(total, dtype=torch.uint8)
+        spec = Velocity(p, [None] * 4 if first else old, u, **k)
+        if fused:
+            out = sign_ef_multi(grad, e, r, wire, offsets, blocks=blocks, velocity=spec)
+        else:
+            out = sign_ef_multi(s, e, r, wire, offsets, blocks=blocks)
+            u = u_ref
+        runs.append((wire, r, u, out))
+    (w1, r1, u1, o1), (w2, r2, u2, o2) = runs
+    assert torch.equal(w1, w2) and all(torch.equal(a, b) for a, b in zip(r1 + u1, r2 + u2))
+    assert torch.equal(o1[0], o2[0]) and torch.equal(o1[1], o2[1])
+    ks = [max(1, math.ceil(0.01 * n)) for n in sizes]
+    toffsets, ttotal = aligned_offsets([8 * kk for kk in ks])
+    runs = []
+    for fused in (True, False):
+        u = [torch.empty(n) for n in sizes]
+        r, wire = [torch.empty(n) for n in sizes], torch.zeros(ttotal, dtype=torch.uint8)
+        spec = Velocity(p, [None] * 4 if first else old, u, **k)
+        if fused:
+            out = topk_ef_multi(grad, e, r, ks, wire, toffsets, seeds=[1, 2, 3, 4], velocity=spec)
+        else:
+            out = topk_ef_multi(s, e, r, ks, wire, toffsets, seeds=[1, 2, 3, 4])
+            u = u_ref
+        runs.append((wire, r, u, out))
+    (w1, r1, u1, o1), (w2, r2, u2, o2) = runs
+    assert torch.equal(w1, w2) and all(torch.equal(a, b) for a, b in zip(r1 + u1, r2 + u2))
+    assert torch.equal(o1[0], o2[0])

@@ -232,3 +232,34 @@ def _closure_worker(rank, world):
 
 def test_backward_inside_step_closure_sees_the_users_momentum():
     run_distributed(_closure_worker)
+
+
+def _fused_worker(rank, world):
+    """Sign and top-k form the velocity inside their own pass: the same bits as forming it first."""
+    from lightning_compress.compressors import COMPRESSORS
+
+    x, y = make_data(rank)
+    for options in (dict(compressor="sign", feedback="ef"), dict(compressor="topk", density=0.1, feedback="ef"),
+                    dict(compressor="sign", feedback="doublesqueeze")):  # fmt: skip
+        results = []
+        cls = COMPRESSORS[options["compressor"]]
+        for fused in (True, False):
+            cls.fused_velocity = fused
+            try:
+                model = make_model()
+                ddp = DDP(model, bucket_cap_mb=0.004)
+                state = register_compression(ddp, CompressionConfig(**options, **BASE))
+                opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+                attach_optimizer(state, opt)
+                for _ in range(4):
+                    step(ddp, opt, x, y)
+            finally:
+                cls.fused_velocity = True
+            results.append((flat(model), {n: v.clone() for n, v in state.velocity.items()}))
+        assert torch.equal(results[0][0], results[1][0]), options
+        assert results[0][1].keys() == results[1][1].keys()
+        assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1]), options
+
+
+def test_velocity_fused_into_the_compressor_gives_the_same_bits():
+    run_distributed(_fused_worker)

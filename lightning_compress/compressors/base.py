@@ -9,6 +9,7 @@ from typing import ClassVar, NamedTuple, Sequence
 import torch
 
 from kernels._blocks import num_blocks
+from kernels.velocity import Velocity, velocity_many
 
 __all__ = ["Compressor", "Encoded", "pack_parts", "split_parts", "num_blocks", "bytes_as", "WIRE_ALIGN", "wire_layout"]
 
@@ -93,6 +94,8 @@ class Compressor(ABC):
     payload_dtype: ClassVar[torch.dtype] = torch.uint8
     #: :meth:`encode_batch` reads fp32 inputs scaled by ``scale`` itself (one pass, no copy)
     fused_scale: ClassVar[bool] = False
+    #: :meth:`encode_batch` forms the optimizer's momentum (``velocity``) inside its own pass
+    fused_velocity: ClassVar[bool] = False
 
     def __init__(self, *, density: float = 1.0, bits: int = 8, block_size: int = 1024, sample_fraction: float = 0.01):
         self.density = density
@@ -189,6 +192,7 @@ class Compressor(ABC):
         *,
         seeds: Sequence[int],
         scale: float = 1.0,
+        velocity: Velocity | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode every ``v_t = scale * xs[t] + residuals[t]`` into ``wire`` at ``offsets[t]``.
 
@@ -199,9 +203,15 @@ class Compressor(ABC):
         norm the payload carries, is not finite: the hook then sends the bucket densely. Sums
         of squares that overflow fp32 where the values do not are saturated instead. Only
         ``fused_scale`` compressors take ``scale != 1``.
+
+        With ``velocity`` (:class:`kernels.velocity.Velocity`, ``scale`` 1) the input of tensor
+        ``t`` is the optimizer's momentum formed from ``xs[t]``, ``s_t``, and the new velocities
+        are written; ``fused_velocity`` compressors form it inside their own pass.
         """
         if scale != 1.0 and not self.fused_scale:
             raise ValueError(f"{type(self).__name__} takes inputs already scaled (scale 1); got scale={scale}")
+        if velocity is not None:
+            xs = velocity_many(xs, velocity)
         top = torch.finfo(torch.float32).max
         norm = torch.zeros((), dtype=torch.float64, device=wire.device)
         err = torch.zeros((), dtype=torch.float64, device=wire.device)

@@ -35,6 +35,7 @@ class SignCompressor(_BlockQuantizer):
 
     name = "sign"
     fused_scale = True
+    fused_velocity = True
 
     def payload_numel(self, numel: int) -> int:
         return 4 * num_blocks(numel, self._block(numel)) + packed_nbytes(numel, 1)
@@ -71,9 +72,10 @@ class SignCompressor(_BlockQuantizer):
     def decode_add_(self, payload: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         return self.decode_add_many_([payload], out)
 
-    def encode_batch(self, xs, residuals, residuals_out, wire, offsets, *, seeds, scale=1.0):
+    def encode_batch(self, xs, residuals, residuals_out, wire, offsets, *, seeds, scale=1.0, velocity=None):
         blocks = [self._block(x.numel()) for x in xs]
-        sq, err = sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks=blocks, scale=scale)
+        sq, err = sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks=blocks, scale=scale,
+                                velocity=velocity)  # fmt: skip
         return sq.double().sum(), err.double().sum()
 
     def decode_batch(self, wires, offsets, outs, seeds) -> None:

@@ -59,12 +59,13 @@ class TopKCompressor(_IndexedSparse):
 
     name = "topk"
     fused_scale = True
+    fused_velocity = True
 
-    def encode_batch(self, xs, residuals, residuals_out, wire, offsets, *, seeds, scale=1.0):
+    def encode_batch(self, xs, residuals, residuals_out, wire, offsets, *, seeds, scale=1.0, velocity=None):
         ks = [self.k(x.numel()) for x in xs]
         sq, err = topk_ef_multi(
             xs, residuals, residuals_out, ks, wire, offsets,
-            scale=scale, seeds=seeds, sample_fraction=self.sample_fraction,
+            scale=scale, seeds=seeds, sample_fraction=self.sample_fraction, velocity=velocity,
         )  # fmt: skip
         return sq.double().sum(), err.double().sum()
 
