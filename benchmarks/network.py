@@ -327,6 +327,7 @@ class Runner:
 
     def __init__(self, args, nets: Namespaces | None, logdir: Path):
         self.args, self.nets, self.logdir = args, nets, logdir
+        logdir.mkdir(parents=True, exist_ok=True)
         self.count = 0
 
     def run(self, topo: Topology, world: int, configs: list[str], worker_args: list[str], timeout: float,
@@ -356,6 +357,8 @@ class Runner:
         port = free_port() if topo.namespaces[0] is None else next_port()
         outs = [self.logdir / f"group{self.count}_r{r}.json" for r in range(world)]
         logs = [self.logdir / f"group{self.count}_r{r}.log" for r in range(world)]
+        for path in outs:  # a record left by an earlier runner in the same folder must not be read as this one's
+            path.unlink(missing_ok=True)
         config_args = [arg for c in configs for arg in ("--config", c)]
         procs = []
         for r in range(world):
@@ -708,9 +711,11 @@ def split_lines(data: dict) -> list[str]:
         "Method A (any configuration): compute = the floor; compression = the same configuration on a 1-rank "
         "process group (DDP and the hook run in full, the collectives return at once: nothing travels) minus the "
         "floor; communication = the 2-rank median at that bandwidth minus the 1-rank median. Method B "
-        "(lightning_compress only, same run as the table): the hook and its collectives are timed inside the "
-        "step (perf_counter; the hook is synchronous); compression = median(hook - collectives), communication = "
-        "median(collectives), the rest of the step = compute (forward, backward, optimizer, DDP bookkeeping).",
+        "(lightning_compress only, same run as the table), from the state's timers: compression = median(encode "
+        "on the hook's thread + decode in the completion callbacks), communication = median(time the hook's "
+        "thread waited for collectives: later passes and the drain at the last bucket; transfers that overlap "
+        "backward cost nothing here), the rest of the step = compute (forward, backward, optimizer, DDP "
+        "bookkeeping).",
         "",
         "| bandwidth | best config | step ms | A: compute | A: compression | A: communication "
         "| B: compute | B: compression | B: communication |",
@@ -763,8 +768,9 @@ def notes_lines(data: dict) -> list[str]:
                "with gloo's \"Received data size doesn't match expected size\": it issues the Q allreduce from a "
                "future callback (a gloo thread) while the backward pass issues the next bucket's collectives, so "
                "the ranks can enqueue collectives in different orders. `powersgd_r2_sync` is the same hook waited "
-               "for inside the hook (each bucket's exchange finishes before the next starts; lightning_compress's "
-               "hook also finishes its exchange before returning), which keeps one order on every rank.")  # fmt: skip
+               "for inside the hook (each bucket's exchange finishes before the next starts), which keeps one order "
+               "on every rank. lightning_compress's hook returns before its exchange completes, but issues every "
+               "collective from the thread that calls the hook, so its order is the same on every rank.")  # fmt: skip
     out.append("- Bytes for lightning_compress include its dense exchange of the biases (1-D tensors) and, for "
                "DoubleSqueeze, both passes (all_to_all + all_gather); GraVAC adds one 32-byte all_gather per step.")
     return out
@@ -900,7 +906,8 @@ def parse_args(argv=None):
 def write_reports(data: dict, out_dir: Path) -> None:
     write_markdown(data, out_dir / "network.md")
     plot_step_time(data, out_dir / "network_step_time.png")
-    plot_accuracy_bytes(data, out_dir / "network_accuracy_bytes.png")
+    if any(rec.get("accuracy") is not None for rec in data["digits"].values()):
+        plot_accuracy_bytes(data, out_dir / "network_accuracy_bytes.png")
 
 
 def main(argv=None) -> int:

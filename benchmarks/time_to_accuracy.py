@@ -51,7 +51,7 @@ def run(args) -> dict:
     try:
         for seed in args.seeds:
             topo = nets.shared(f"tta{seed}", net.parse_rate(args.bandwidth), 2) if nets else net.host_topology(2)
-            runner = net.Runner(args, nets, logdir)
+            runner = net.Runner(args, nets, logdir / f"seed{seed}")
             worker_args = ["--mode", "tta", "--seed", str(seed), "--target", str(args.target), "--epochs",
                            str(args.epochs), "--eval-every", str(args.eval_every), "--timeout", "600"]  # fmt: skip
             done = runner.run(topo, 2, args.configs, worker_args, timeout=args.timeout)
