@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from lightning_compress import CompressedDDPStrategy, GraVAC  # noqa: E402
 
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -121,10 +121,10 @@ def main() -> None:
         y = torch.zeros(n, device=args.device)
         x = torch.randn(n, device=args.device)
         repeats = args.repeats if n <= SIZES["25M"] else max(3, args.repeats // 2)
-        base = median_ms(lambda: y.add_(x), args.device, repeats)
+        base = median_ms(lambda y=y, x=x: y.add_(x), args.device, repeats)
         rows = [(label, "add_ (y += x)", "torch", base, 12 * n / base / 1e6, 1.0)]
         if args.device == "cuda":
-            copy = median_ms(lambda: y.copy_(x), args.device, repeats)
+            copy = median_ms(lambda y=y, x=x: y.copy_(x), args.device, repeats)
             rows.append((label, "d2d copy", "torch", copy, 8 * n / copy / 1e6, copy / base))
         del x, y
         paths = [path] + (["torch"] if args.twin and path != "torch" and n <= SIZES["25M"] else [])

@@ -77,7 +77,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # a fallback only: an installed (or PYTHONPATH) lightning_compress comes first
 
-from digits_data import accuracy, digits, make_mlp
+from digits_data import accuracy, digits, make_mlp  # noqa: E402
 
 N = 2  # ranks
 BATCH = 32
@@ -610,7 +610,7 @@ def grid(
 def applicable(run: Run) -> bool:
     if run.scheme == "dense":
         return True
-    if run.mask and not SCHEMES[run.scheme]["compressor"] in ("topk",):
+    if run.mask and SCHEMES[run.scheme]["compressor"] not in ("topk",):
         return False  # masking keeps u_i where nothing was sent: only meaningful for sparsifiers
     return not (run.mask and SCHEMES[run.scheme]["feedback"] == "ef21")
 
@@ -1062,12 +1062,12 @@ def _doublesqueeze_case(name: str, world: int, n: int, block: int, steps: int) -
     finals = []
     for q in (whole, sharded):
         wp, deltas, delta = torch.zeros(n), [torch.zeros(n) for _ in range(world)], torch.zeros(n)
-        for t in range(steps):
+        for _ in range(steps):
             out, deltas, delta = paper_step([grad(wp, i) for i in range(world)], deltas, delta, q)
             wp = wp - lr * out
         finals.append(loss(wp))
     wd_ = torch.zeros(n)
-    for t in range(steps):
+    for _ in range(steps):
         wd_ = wd_ - lr * sum(grad(wd_, i) for i in range(world)) / world
     mirror_s = f"{mirror:.1e}" if world == N else "n/a"
     return (

@@ -504,7 +504,7 @@ def summarize(data: dict) -> None:
     for bw in data["bandwidths"]:
         rows = data["steps"][bw]
         dense = rows.get("dense", {}).get("median_s")
-        for cfg, rec in rows.items():
+        for rec in rows.values():
             if rec.get("median_s") is not None:
                 rec["speedup"] = dense / rec["median_s"] if dense else None
                 rec["x_floor"] = rec["median_s"] / floor
@@ -512,7 +512,7 @@ def summarize(data: dict) -> None:
         ours = [(t, c) for t, c in candidates if is_ours(c)]
         data["best"][bw] = min(candidates)[1] if candidates else None
         data["best_ours"][bw] = min(ours)[1] if ours else None
-    for cfg, rec in digits.items():
+    for rec in digits.values():
         acc = rec.get("accuracy")
         rec["delta_points"] = None if acc is None or dense_acc is None or acc != acc else 100 * (acc - dense_acc)
 
@@ -614,7 +614,7 @@ def write_markdown(data: dict, path: Path) -> None:
         f"{args['warmup']} warm-up steps, then K timed steps with K = ceil({args['target_seconds']:g} s / last warm-up step) "
         f"clamped to [{args['min_steps']}, {args['max_steps']}]. A step's time is the slowest rank's; the table gives the "
         "median over the timed steps.",
-        f"- **Floor**: the same model and per-rank batch in one process, no DDP, no communication ("
+        "- **Floor**: the same model and per-rank batch in one process, no DDP, no communication ("
         + ("measured at the start and at the end of the run; median of all their timed steps" if len(data["floor_runs"]) > 1
            else "measured once") + f": {1000 * floor:.0f} ms); every 'x floor' is against it."
         + (f" A second row runs {data['world']} such processes at once (still no communication), as the ranks share the "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 import warnings
 from typing import Any
@@ -32,10 +33,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_compress  # noqa: F401  (registers the compressed_ddp* strategy names)
+from digits_data import digits
 from lightning_compress.callbacks import GraVAC
 from lightning_compress.strategy import CompressedDDPStrategy, build_config
-
-from digits_data import digits
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -102,7 +102,7 @@ def train(strategy: str | pl.strategies.Strategy, epochs: int = 20, devices: int
     dense = sum(p.numel() * p.element_size() for p in model.parameters()) * 2.0 * (devices - 1) / devices
     sent = float(metrics["compression/bytes_sent"]) if "compression/bytes_sent" in metrics else dense
     # Every rank draws ceil(n / devices) samples per epoch (DistributedSampler pads), in full or partial batches.
-    steps = epochs * -(-(-(-len(train_set) // devices)) // batch_size)
+    steps = epochs * math.ceil(math.ceil(len(train_set) / devices) / batch_size)
     return {
         "accuracy": model.accuracy(test_set),
         "steps": steps,

@@ -21,14 +21,14 @@ payload, so every rank sees every flag before it decides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from lightning_compress.compressors import Compressor
-from lightning_compress.compressors.base import WIRE_ALIGN, bytes_as, wire_layout
+from lightning_compress.compressors.base import WIRE_ALIGN, wire_layout
 
 __all__ = [
     "Batch", "Collectives", "Layout", "TRANSPORTS", "TRANSPORT_NAMES", "Transport",
@@ -283,7 +283,10 @@ class TwoPassTransport(Transport):
 
     def encode(self, wire, xs, residuals, residuals_out, scale, velocity=None):
         n, T = self.comm.world_size, len(xs)
-        cut = lambda ts: [None if t is None else t[b[j][0] : b[j][1]] for j in range(n) for t, b in zip(ts, self.bounds)]
+
+        def cut(ts):
+            return [None if t is None else t[b[j][0] : b[j][1]] for j in range(n) for t, b in zip(ts, self.bounds)]
+
         offsets = [j * self.row_bytes + self.row_offsets[j][t] for j in range(n) for t in range(T)]
         seeds = [self.batch.seed_of(t, j) for j in range(n) for t in range(T)]
         if velocity is not None:  # shard the velocity's tensors alike

@@ -8,13 +8,12 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lightning_compress import COMPRESSORS, FEEDBACKS, CompressionConfig, register_compression
-from lightning_compress.hook import get_compression_state
 from lightning_compress.compressors.base import WIRE_ALIGN
+from lightning_compress.hook import get_compression_state
 from tests._dist import gather_flat, run_distributed
 
 # Small blocks and min_numel so that the small test model is compressed.

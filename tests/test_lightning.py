@@ -443,7 +443,7 @@ def test_digits_compressed_accuracy_within_one_point_of_dense():
     # DoubleSqueeze compresses twice: it takes about 0.6x dense training's learning rate (the README says so).
     for options, lr in ((dict(compressor="sign", feedback="doublesqueeze"), 0.03),
                         (dict(compressor="topk", density=0.01, feedback="ef"), 0.05)):  # fmt: skip
-        accuracy, results = mean_accuracy(lambda: CompressedDDPStrategy(start_method="fork", **options), lr=lr)
+        accuracy, results = mean_accuracy(lambda options=options: CompressedDDPStrategy(start_method="fork", **options), lr=lr)
         assert abs(accuracy - dense) <= 0.01, (options, accuracy, dense, results)
         assert all(r["ratio"] > 10.0 for r in results), (options, results)
 

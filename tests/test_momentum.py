@@ -216,7 +216,7 @@ def _closure_worker(rank, world):
         for _ in range(4):
             if use_closure:
 
-                def closure():
+                def closure(opt=opt, ddp=ddp):
                     opt.zero_grad()
                     loss = nn.functional.mse_loss(ddp(x), y)
                     loss.backward()
