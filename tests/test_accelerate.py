@@ -90,6 +90,7 @@ os.makedirs(args.out, exist_ok=True)
 with open(os.path.join(args.out, f"rank{accelerator.process_index}.json"), "w") as f:
     json.dump({"sha": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "batches": batches,
                "world": accelerator.num_processes, "custom": len(accelerator._custom_objects)}, f)
+accelerator.end_training()  # ends the process group: a gloo group left to interpreter teardown can abort the exit
 """
 
 
