@@ -1,36 +1,66 @@
-"""Which implementation of an op runs for a tensor: Triton, the compiled CPU path, or torch.
+"""Which implementation of an op runs: the Triton kernels, the C library, or the torch twin.
 
-``LIGHTNING_COMPRESS_KERNELS`` forces a path (tests, benchmarks):
+This module alone makes the choice. An op asks :func:`implementation` for the module that
+runs it (``kernels.cpu``, its Triton module, or ``None`` for its torch twin), saying which
+compiled kernels it has and whether its tensors' layout fits them; :func:`choose` gives the
+same choice with the reason. The device of the tensor and ``LIGHTNING_COMPRESS_KERNELS``
+(tests, benchmarks) decide the rest:
 
 * ``auto`` (default): CUDA tensors use Triton when it imports, CPU tensors use the
   compiled CPU path (:mod:`kernels.cpu`) when it builds; otherwise the torch twin.
 * ``triton``: Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``.
 * ``cpu``: the compiled CPU path (an error for CUDA tensors or when it cannot build).
 * ``torch``: the pure-torch twins, the reference meaning of every op.
+
+A forced path that cannot run raises a ``RuntimeError`` that says why (:func:`unavailable`).
+An op without a kernel on the chosen path, or whose tensors that kernel does not take, runs
+its twin. Ops whose C kernel reads only contiguous fp32 inputs of any dtype check that
+before they ask, so other inputs never consult the setting.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+from types import ModuleType
+from typing import Callable, Collection, NamedTuple
 
 import torch
 
-__all__ = ["ENV_VAR", "PATHS", "path_for", "triton_available", "triton_interpreting"]
+__all__ = [
+    "ENV_VAR", "PATHS", "Choice", "choose", "implementation", "path_for", "unavailable", "library_wanted",
+    "triton_available", "triton_interpreting",
+]  # fmt: skip
 
 ENV_VAR = "LIGHTNING_COMPRESS_KERNELS"
 PATHS = ("auto", "triton", "cpu", "torch")
 
+_NAMES = {"triton": "Triton", "cpu": "C"}
+_FORCED = {path: f"{ENV_VAR}={path}" for path in PATHS}
+_AUTO = {"triton": f"{ENV_VAR}=auto and a CUDA tensor", "cpu": f"{ENV_VAR}=auto and a CPU tensor"}
+
+
+class Choice(NamedTuple):
+    """The path an op takes on a tensor, and why."""
+
+    path: str  # "triton", "cpu" or "torch"
+    reason: str  # what selected the path, or what ruled out the compiled one
+
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Triton imports (it may still be unable to run on this machine)."""
+def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising anything else
-        return False
-    return True
+    except Exception as err:  # ImportError, or a broken install raising anything else
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def triton_available() -> bool:
+    """Triton imports (it may still be unable to run on this machine)."""
+    return _triton_import_error() is None
 
 
 def triton_interpreting() -> bool:
@@ -38,32 +68,129 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _setting() -> str:
+    return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+
+
 def _requested() -> str:
-    path = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    path = _setting()
     if path not in PATHS:
         raise ValueError(f"{ENV_VAR} must be one of {PATHS}; got {path!r}")
     return path
 
 
-def path_for(tensor: torch.Tensor) -> str:
-    """The path (``"triton"``, ``"cpu"`` or ``"torch"``) that ops on ``tensor`` take now."""
-    from kernels import cpu  # late: building the CPU library is lazy
+def library_wanted() -> bool:
+    """Ops may use the C library: the setting does not force ``torch`` or ``triton`` (not validated here)."""
+    return _setting() not in ("torch", "triton")
 
-    path = _requested()
-    if path == "auto":
-        if tensor.is_cuda:
-            return "triton" if triton_available() else "torch"
-        if tensor.device.type == "cpu" and cpu.available():
-            return "cpu"
-        return "torch"
+
+def _cpu() -> ModuleType:
+    from kernels import cpu  # late: kernels.cpu imports this module, and building the library is lazy
+
+    return cpu
+
+
+def unavailable(path: str, tensor: torch.Tensor) -> str | None:
+    """Why ``path`` (``"triton"``, ``"cpu"`` or ``"torch"``) cannot run ops on ``tensor`` here; None if it can.
+
+    Asking about ``"cpu"`` for a CPU tensor builds (or loads) the C library.
+    """
+    device = tensor.device
     if path == "triton":
-        if not triton_available():
-            raise RuntimeError(f"{ENV_VAR}=triton but triton does not import")
-        if not tensor.is_cuda and not triton_interpreting():
-            raise RuntimeError(f"{ENV_VAR}=triton on a {tensor.device.type} tensor needs TRITON_INTERPRET=1")
+        error = _triton_import_error()
+        if error is not None:
+            return f"triton does not import ({error})"
+        if device.type != "cuda" and not triton_interpreting():
+            return f"a {device.type} tensor needs TRITON_INTERPRET=1"
+        return None
     if path == "cpu":
-        if tensor.device.type != "cpu":
-            raise RuntimeError(f"{ENV_VAR}=cpu but the tensor is on {tensor.device}")
+        if device.type != "cpu":
+            return f"the tensor is on {device}"
+        cpu = _cpu()
         if not cpu.available():
-            raise RuntimeError(f"{ENV_VAR}=cpu but the CPU library could not be built: {cpu.build_error()}")
-    return path
+            return f"the CPU library could not be built: {cpu.build_error()}"
+        return None
+    if path == "torch":
+        return None
+    raise ValueError(f"`path` must be one of {PATHS[1:]}; got {path!r}")
+
+
+def _environment(tensor: torch.Tensor) -> Choice:
+    """The path the setting and the device give, before what the op has is considered."""
+    path = _requested()
+    if path == "torch":
+        return Choice("torch", _FORCED["torch"])
+    if path == "auto":
+        compiled = "triton" if tensor.device.type == "cuda" else "cpu"
+        why = unavailable(compiled, tensor)
+        if why is None:
+            return Choice(compiled, _AUTO[compiled])
+        return Choice("torch", f"the {_NAMES[compiled]} path is unavailable: {why}")
+    why = unavailable(path, tensor)
+    if why is not None:
+        raise RuntimeError(f"{ENV_VAR}={path} but {why}")
+    return Choice(path, _FORCED[path])
+
+
+def choose(
+    tensor: torch.Tensor,
+    *,
+    paths: Collection[str] = ("triton", "cpu"),
+    fits: bool | Callable[[], bool] = True,
+) -> Choice:
+    """The path an op runs on ``tensor``, and why.
+
+    Args:
+        tensor: the tensor whose device decides (the op's input, or its output for decoders).
+        paths: the compiled paths the op has kernels for; on any other it runs its twin.
+        fits: whether those kernels take the op's tensors as they are laid out; a callable is
+            called only when a compiled path would otherwise run.
+
+    Raises:
+        ValueError: ``LIGHTNING_COMPRESS_KERNELS`` is not one of :data:`PATHS`.
+        RuntimeError: it forces a path that cannot run on ``tensor`` here.
+
+    Example:
+        >>> choose(torch.zeros(4), fits=False).path  # tensors the kernels do not take: the twin
+        'torch'
+    """
+    choice = _environment(tensor)
+    if choice.path == "torch":
+        return choice
+    if choice.path not in paths:
+        return Choice("torch", f"the op has no {_NAMES[choice.path]} kernel")
+    if not (fits() if callable(fits) else fits):
+        return Choice("torch", f"the op's {_NAMES[choice.path]} kernel does not take these tensors' layout")
+    return choice
+
+
+def path_for(tensor: torch.Tensor) -> str:
+    """The path (``"triton"``, ``"cpu"`` or ``"torch"``) that ops with both compiled kernels take on ``tensor`` now."""
+    return _environment(tensor).path
+
+
+def implementation(
+    tensor: torch.Tensor,
+    *,
+    triton: str | None = None,
+    cpu: bool = True,
+    fits: bool | Callable[[], bool] = True,
+) -> ModuleType | None:
+    """The module whose function of the op's name runs it on ``tensor``, or None: run the torch twin.
+
+    Args:
+        tensor: as for :func:`choose`.
+        triton: the ``kernels`` module holding the op's Triton kernel (``"triton_sign"``), if any.
+        cpu: the op has a C kernel in :mod:`kernels.cpu`.
+        fits: as for :func:`choose`.
+
+    Returns:
+        :mod:`kernels.cpu`, the Triton module (imported now), or None.
+    """
+    paths = ("triton",) * (triton is not None) + ("cpu",) * bool(cpu)
+    path = choose(tensor, paths=paths, fits=fits).path
+    if path == "cpu":
+        return _cpu()
+    if path == "triton":
+        return importlib.import_module(f"kernels.{triton}")
+    return None

@@ -27,7 +27,7 @@ import torch
 
 from kernels import _build
 from kernels._blocks import num_blocks
-from kernels._dispatch import ENV_VAR
+from kernels._dispatch import ENV_VAR, library_wanted
 from kernels.rng import stream_keys
 
 __all__ = ["available", "build_error", "library_path", "prepare"]
@@ -114,7 +114,7 @@ def prepare() -> bool:
         >>> isinstance(prepare(), bool)
         True
     """
-    if os.environ.get(ENV_VAR, "auto").strip().lower() in ("torch", "triton"):
+    if not library_wanted():
         return False
     return available()
 

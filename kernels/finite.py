@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import path_for
+from kernels._dispatch import implementation
 
 __all__ = ["all_finite"]
 
@@ -22,8 +22,7 @@ def all_finite(x: torch.Tensor) -> bool:
     """No inf or NaN in ``x`` (any shape and dtype)."""
     if x.numel() == 0:
         return True
-    if x.dtype == torch.float32 and x.is_contiguous() and path_for(x) == "cpu":
-        from kernels import cpu
-
-        return cpu.all_finite(x.reshape(-1))
-    return all_finite_torch(x)
+    cpu = implementation(x) if x.dtype == torch.float32 and x.is_contiguous() else None
+    if cpu is None:
+        return all_finite_torch(x)
+    return cpu.all_finite(x.reshape(-1))

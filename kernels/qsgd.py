@@ -24,7 +24,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from kernels._blocks import as_blocks, byte_aligned
-from kernels._dispatch import path_for
+from kernels._dispatch import implementation
 from kernels.bitpack import pack_bits, unpack_bits
 from kernels.rng import uniform
 from kernels.sign import _check
@@ -70,25 +70,20 @@ def qsgd_decode_add_torch(norms, signs, codes, out, bits, block) -> torch.Tensor
     return out
 
 
-def _path(x: torch.Tensor, bits: int, block: int) -> str:
-    path = path_for(x)
-    return path if byte_aligned(x.numel(), block) and byte_aligned(x.numel(), block, bits) else "torch"
+def _implementation(x: torch.Tensor, bits: int, block: int):
+    """The module with the kernels for ``x`` (None: the twin); blocks of signs and of codes must start on a byte."""
+    fits = byte_aligned(x.numel(), block) and byte_aligned(x.numel(), block, bits)
+    return implementation(x, triton="triton_qsgd", fits=fits)
 
 
 def qsgd_encode(x: torch.Tensor, *, bits: int, block: int, seed: int) -> QSGDCode:
     """Quantize ``x`` to ``bits``-bit levels per block norm; see the module doc."""
     _check(x, "x")
     _check_bits(bits)
-    path = _path(x, bits, block)
-    if path == "cpu":
-        from kernels import cpu
-
-        return QSGDCode(*cpu.qsgd_encode(x, bits, block, seed))
-    if path == "triton":
-        from kernels import triton_qsgd
-
-        return QSGDCode(*triton_qsgd.qsgd_encode(x, bits, block, seed))
-    return qsgd_encode_torch(x, bits, block, seed)
+    impl = _implementation(x, bits, block)
+    if impl is None:
+        return qsgd_encode_torch(x, bits, block, seed)
+    return QSGDCode(*impl.qsgd_encode(x, bits, block, seed))
 
 
 def qsgd_decode_add(
@@ -107,13 +102,7 @@ def qsgd_decode_add(
         raise ValueError("`norms`, `signs` and `codes` must have one entry per payload")
     if not norms:
         return out
-    path = _path(out, bits, block)
-    if path == "cpu":
-        from kernels import cpu
-
-        return cpu.qsgd_decode_add(norms, signs, codes, out, bits, block)
-    if path == "triton":
-        from kernels import triton_qsgd
-
-        return triton_qsgd.qsgd_decode_add(norms, signs, codes, out, bits, block)
-    return qsgd_decode_add_torch(norms, signs, codes, out, bits, block)
+    impl = _implementation(out, bits, block)
+    if impl is None:
+        return qsgd_decode_add_torch(norms, signs, codes, out, bits, block)
+    return impl.qsgd_decode_add(norms, signs, codes, out, bits, block)

@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from kernels._blocks import as_blocks, block_lengths, byte_aligned, num_blocks
-from kernels._dispatch import path_for
+from kernels._dispatch import implementation
 from kernels.bitpack import pack_bits, unpack_bits
 from kernels.velocity import Velocity, fused_velocity_ok, velocity_many
 
@@ -53,9 +53,9 @@ def _check(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` must be a contiguous 1-D fp32 tensor; got {x.dtype} {tuple(x.shape)}")
 
 
-def _path(x: torch.Tensor, block: int) -> str:
-    path = path_for(x)
-    return path if byte_aligned(x.numel(), block) else "torch"
+def _implementation(x: torch.Tensor, block: int):
+    """The module with the single-tensor kernels for ``x`` (None: the twin); they take byte-aligned blocks."""
+    return implementation(x, triton="triton_sign", fits=byte_aligned(x.numel(), block))
 
 
 # ----- torch twins ---------------------------------------------------------------------
@@ -93,7 +93,7 @@ def sign_server_step_torch(scales, packed, server_error, block, server_error_out
     return sign_ef_torch(total, None, block, server_error_out)
 
 
-# ----- dispatch ------------------------------------------------------------------------
+# ----- the ops: each runs the kernel that kernels._dispatch chooses --------------------
 def sign_ef(
     x: torch.Tensor,
     residual: torch.Tensor | None = None,
@@ -111,16 +111,10 @@ def sign_ef(
                 raise ValueError(f"`{name}` has {t.numel()} elements, `x` has {x.numel()}")
     if block < 1:
         raise ValueError(f"`block` must be >= 1; got {block}")
-    path = _path(x, block)
-    if path == "cpu":
-        from kernels import cpu
-
-        return SignCode(*cpu.sign_ef(x, residual, block, residual_out, scale))
-    if path == "triton":
-        from kernels import triton_sign
-
-        return SignCode(*triton_sign.sign_ef(x, residual, block, residual_out, scale))
-    return sign_ef_torch(x, residual, block, residual_out, scale)
+    impl = _implementation(x, block)
+    if impl is None:
+        return sign_ef_torch(x, residual, block, residual_out, scale)
+    return SignCode(*impl.sign_ef(x, residual, block, residual_out, scale))
 
 
 def sign_decode_add(
@@ -137,16 +131,10 @@ def sign_decode_add(
         raise ValueError(f"{len(scales)} scale tensors but {len(packed)} bit tensors")
     if not scales:
         return out.zero_() if assign else out
-    path = _path(out, block)
-    if path == "cpu":
-        from kernels import cpu
-
-        return cpu.sign_decode_add(scales, packed, out, block, assign)
-    if path == "triton":
-        from kernels import triton_sign
-
-        return triton_sign.sign_decode_add(scales, packed, out, block, assign)
-    return sign_decode_add_torch(scales, packed, out, block, assign)
+    impl = _implementation(out, block)
+    if impl is None:
+        return sign_decode_add_torch(scales, packed, out, block, assign)
+    return impl.sign_decode_add(scales, packed, out, block, assign)
 
 
 def sign_server_step(
@@ -160,16 +148,10 @@ def sign_server_step(
     """Sum the ranks' payloads of one shard, add the server error, re-encode; see the module doc."""
     _check(server_error, "server_error")
     _check(server_error_out, "server_error_out")
-    path = _path(server_error, block)
-    if path == "cpu":
-        from kernels import cpu
-
-        return SignCode(*cpu.sign_server_step(scales, packed, server_error, block, server_error_out))
-    if path == "triton":
-        from kernels import triton_sign
-
-        return SignCode(*triton_sign.sign_server_step(scales, packed, server_error, block, server_error_out))
-    return sign_server_step_torch(scales, packed, server_error, block, server_error_out)
+    impl = _implementation(server_error, block)
+    if impl is None:
+        return sign_server_step_torch(scales, packed, server_error, block, server_error_out)
+    return SignCode(*impl.sign_server_step(scales, packed, server_error, block, server_error_out))
 
 
 # ----- many tensors at once ---------------------------------------------------------------
@@ -187,11 +169,8 @@ def _payload_parts(wire: torch.Tensor, offset: int, numel: int, block: int) -> t
     return scales, wire[offset + 4 * nb : offset + 4 * nb + -(-numel // 8)]
 
 
-def _multi_path(tensors: Sequence[torch.Tensor], blocks: Sequence[int]) -> str:
-    path = path_for(tensors[0])
-    if path == "cpu" and all(byte_aligned(t.numel(), b) for t, b in zip(tensors, blocks)):
-        return "cpu"
-    return "torch" if path == "cpu" else path
+def _aligned(tensors: Sequence[torch.Tensor], blocks: Sequence[int]) -> bool:
+    return all(byte_aligned(t.numel(), b) for t, b in zip(tensors, blocks))
 
 
 def sign_ef_multi(
@@ -221,9 +200,11 @@ def sign_ef_multi(
         return empty, empty
     if velocity is not None and scale != 1.0:
         raise ValueError(f"with a velocity the input scale is the velocity's `xs`; got scale={scale}")
-    if _multi_path(xs, blocks) == "cpu" and (velocity is None or fused_velocity_ok(xs, velocity)):
-        from kernels import cpu
-
+    # One C call for the bucket; elsewhere a loop of the single-tensor op, each dispatched on its own.
+    cpu = implementation(
+        xs[0], fits=lambda: _aligned(xs, blocks) and (velocity is None or fused_velocity_ok(xs, velocity))
+    )
+    if cpu is not None:
         return cpu.sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale, velocity)
     if velocity is not None:
         xs = velocity_many(xs, velocity)
@@ -265,9 +246,8 @@ def sign_decode_multi(
     """``outs[t] (+)= sum_r decode(wires[r] at offsets[t])`` for every tensor; returns ``outs``."""
     if not outs:
         return outs
-    if _multi_path(outs, blocks) == "cpu":
-        from kernels import cpu
-
+    cpu = implementation(outs[0], fits=lambda: _aligned(outs, blocks))
+    if cpu is not None:
         return cpu.sign_decode_multi(wires, offsets, outs, blocks, assign)
     for out, off, block in zip(outs, offsets, blocks):
         parts = [_payload_parts(w, off, out.numel(), block) for w in wires]

@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels._dispatch import path_for
+from kernels._dispatch import implementation
 from kernels.rng import stream_keys, uniform
 from kernels.sign import _check
 from kernels.velocity import Velocity, fused_velocity_ok, velocity_many
@@ -111,13 +111,9 @@ def topk_ef(
                 raise ValueError(f"`{name}` has {t.numel()} elements, `x` has {n}")
     if not 0 <= k <= n:
         raise ValueError(f"`k` must be in [0, {n}]; got {k}")
-    path = path_for(x)
-    if path == "torch" or k == 0:
+    impl = implementation(x, triton="triton_topk")  # its add and select_at_least
+    if impl is None or k == 0:
         return topk_ef_torch(x, residual, k, residual_out)
-    if path == "cpu":
-        from kernels import cpu as impl
-    else:
-        from kernels import triton_topk as impl
     # v lives in residual_out when there is one (it becomes the new residual), else in x itself
     # (no residual) or in a scratch buffer.
     if residual is None:
@@ -144,10 +140,9 @@ def scatter_add(values: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
     _check(out, "out")
     if len(values) != len(indices):
         raise ValueError(f"{len(values)} value tensors but {len(indices)} index tensors")
-    if values and path_for(out) == "triton":
-        from kernels import triton_topk
-
-        return triton_topk.scatter_add(values, indices, out)
+    impl = implementation(out, triton="triton_topk", cpu=False) if values else None
+    if impl is not None:
+        return impl.scatter_add(values, indices, out)
     for val, idx in zip(values, indices):
         out.index_add_(0, idx.to(torch.int64), val.to(torch.float32))
     return out
@@ -194,10 +189,8 @@ def topk_ef_multi(
         return empty, empty
     if velocity is not None and scale != 1.0:
         raise ValueError(f"with a velocity the input scale is the velocity's `xs`; got scale={scale}")
-    fused = velocity is None or fused_velocity_ok(xs, velocity)
-    if path_for(xs[0]) == "cpu" and fused:
-        from kernels import cpu
-
+    cpu = implementation(xs[0], fits=lambda: velocity is None or fused_velocity_ok(xs, velocity))
+    if cpu is not None:
         samples = []
         for x, k, seed in zip(xs, ks, seeds):
             plan = sample_plan(x.numel(), k, sample_fraction, MULTI_SAMPLE_MAX)
@@ -279,9 +272,8 @@ def sparse_decode_multi(
     """
     if not outs:
         return outs
-    if path_for(outs[0]) == "cpu":
-        from kernels import cpu
-
+    cpu = implementation(outs[0])
+    if cpu is not None:
         return cpu.sparse_decode_multi(wires, offsets, ks, outs, assign)
     for out, off, k in zip(outs, offsets, ks):
         parts = [_parts(w, off, k) for w in wires]

@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels._dispatch import path_for
+from kernels._dispatch import implementation
 
 __all__ = ["Velocity", "fused_velocity_ok", "velocity", "velocity_many"]
 
@@ -98,9 +98,8 @@ def velocity(
     for t, name in ((p, "p"), (u_old, "u_old"), (u_out, "u_out"), (s_out, "s_out")):
         if t is not None and (t.numel() != n or t.dtype != torch.float32 or not t.is_contiguous()):
             raise ValueError(f"`{name}` must be a contiguous fp32 tensor of {n} elements; got {t.dtype} {t.numel()}")
-    if g.dtype == torch.float32 and g.is_contiguous() and path_for(u_out) == "cpu":
-        from kernels import cpu
-
-        cpu.velocity(g, p, u_old, u_out, s_out, xs, wds, m, a0, a1, c, post, lookahead)
+    cpu = implementation(u_out) if g.dtype == torch.float32 and g.is_contiguous() else None
+    if cpu is None:
+        velocity_torch(g, p, u_old, u_out, s_out, xs, wds, m, a0, a1, c, post, lookahead)
         return
-    velocity_torch(g, p, u_old, u_out, s_out, xs, wds, m, a0, a1, c, post, lookahead)
+    cpu.velocity(g, p, u_old, u_out, s_out, xs, wds, m, a0, a1, c, post, lookahead)
