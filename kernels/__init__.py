@@ -2,7 +2,8 @@
 
 One op family per module, each with a pure-torch twin (``*_torch``) that defines its meaning,
 a C path for CPU tensors (:mod:`kernels.cpu`) and Triton kernels for CUDA tensors
-(``kernels.triton_*``); :mod:`kernels._dispatch` picks the path.
+(``kernels.triton_*``, with their shared tiling in :mod:`kernels.triton_blocks`);
+:mod:`kernels._dispatch` alone picks the path.
 
 * :mod:`kernels.bitpack`: bit packing of small codes.
 * :mod:`kernels.sign`: scaled sign with error feedback, decode-accumulate, two-pass server step.

@@ -1,10 +1,10 @@
 """Triton kernels for QSGD encode and decode-accumulate (see :mod:`kernels.qsgd` for the meaning).
 
-The dispatcher calls these for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, and
+The dispatcher (:mod:`kernels._dispatch`) calls these for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, and
 only for byte-aligned layouts (``block % 8 == 0`` and ``block * bits % 8 == 0``, or one block).
 
 * :func:`qsgd_encode`: one kernel; a program holds ``G`` whole blocks (``G * CHUNK``
-  elements, as in :mod:`kernels.triton_sign`) and computes the peak, the unit norm, the
+  elements, the tiling of :mod:`kernels.triton_blocks`) and computes the peak, the unit norm, the
   stochastic levels and both packed outputs in registers. A block longer than the longest
   tile gets a program of its own that walks it in three passes (peak, norm, codes).
 * :func:`qsgd_decode_add`: one kernel on the same tiling (a program per ``G`` blocks, or per
@@ -31,7 +31,7 @@ import triton.language as tl
 
 from kernels._blocks import num_blocks
 from kernels.rng import stream_keys
-from kernels.triton_sign import _bit_at, _decode_grid, _geometry, _pack_store, _rows, _tile, _warps
+from kernels.triton_blocks import bit_at, decode_grid, decode_tile, geometry, pack_store, payload_rows, warps
 
 __all__ = ["qsgd_encode", "qsgd_decode_add"]
 
@@ -99,7 +99,7 @@ def _emit(x, mask, offs, peak_safe, unorm_safe, signs_ptr, codes_ptr, row_start,
     level = tl.minimum(tl.maximum(level, 0.0), LEVELS * 1.0)
     level = tl.where(level == level, level, 0.0)  # NaN (a non-finite block): code 0
     code = tl.where(mask, level.to(tl.int32) & LEVELS, 0)
-    _pack_store(((x >= 0) & mask).to(tl.int32), signs_ptr, row_start, c0, block, n, G, CHUNK)
+    pack_store(((x >= 0) & mask).to(tl.int32), signs_ptr, row_start, c0, block, n, G, CHUNK)
     _pack_codes(code, codes_ptr, row_start, c0, block, n, BITS, G, CHUNK)
 
 
@@ -167,12 +167,12 @@ def qsgd_encode(x: torch.Tensor, bits: int, block: int, seed: int):
     codes = torch.empty(-(-n * bits // 8), dtype=torch.uint8, device=device)
     if n == 0:
         return norms, signs, codes
-    block_k, nb, group, chunk, one_pass = _geometry(n, block)
+    block_k, nb, group, chunk, one_pass = geometry(n, block)
     k0, k1 = stream_keys(seed)
     _qsgd_encode_kernel[(triton.cdiv(nb, group),)](
         x, norms, signs, codes, n, nb, block_k, k0, k1,
         LEVELS=levels, BITS=bits, G=group, CHUNK=chunk, ONE_PASS=one_pass,
-        num_warps=_warps(group * chunk), enable_fp_fusion=False,
+        num_warps=warps(group * chunk), enable_fp_fusion=False,
     )
     return norms, signs, codes
 
@@ -184,12 +184,12 @@ def _qsgd_decode_add_kernel(
     LEVELS: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS
-    rows, row_ok, offs, mask = _tile(tl.program_id(0), chunks, n, nb, block, G, CHUNK)
+    rows, row_ok, offs, mask = decode_tile(tl.program_id(0), chunks, n, nb, block, G, CHUNK)
     shift = ((offs % PER) * BITS).to(tl.int32)
     acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
     for _ in range(R):
         norm = tl.load(nm_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        sign = tl.where(_bit_at(sg_ptr, offs, mask) != 0, 1.0, -1.0)
+        sign = tl.where(bit_at(sg_ptr, offs, mask) != 0, 1.0, -1.0)
         byte = tl.load(cd_ptr + offs // PER, mask=mask, other=0).to(tl.int32)
         level = ((byte >> shift) & LEVELS).to(tl.float32)
         acc = acc + tl.math.div_rn(level * sign, LEVELS * 1.0) * norm
@@ -208,12 +208,12 @@ def qsgd_decode_add(norms, signs, codes, out: torch.Tensor, bits: int, block: in
     if n == 0 or not len(norms):
         return out
     device = out.device
-    nm, nm_stride = _rows(norms, num_blocks(n, block), torch.float32, device, "norms")
-    sg, sg_stride = _rows(signs, -(-n // 8), torch.uint8, device, "signs")
-    cd, cd_stride = _rows(codes, -(-n * bits // 8), torch.uint8, device, "codes")
-    grid, block_k, nb, chunks, group, chunk = _decode_grid(n, block)
+    nm, nm_stride = payload_rows(norms, num_blocks(n, block), torch.float32, device, "norms")
+    sg, sg_stride = payload_rows(signs, -(-n // 8), torch.uint8, device, "signs")
+    cd, cd_stride = payload_rows(codes, -(-n * bits // 8), torch.uint8, device, "codes")
+    grid, block_k, nb, chunks, group, chunk = decode_grid(n, block)
     _qsgd_decode_add_kernel[grid](
         nm, sg, cd, nm_stride, sg_stride, cd_stride, len(norms), out, n, nb, block_k, chunks,
-        LEVELS=levels, BITS=bits, G=group, CHUNK=chunk, num_warps=_warps(group * chunk), enable_fp_fusion=False,
+        LEVELS=levels, BITS=bits, G=group, CHUNK=chunk, num_warps=warps(group * chunk), enable_fp_fusion=False,
     )
     return out

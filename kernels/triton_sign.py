@@ -1,14 +1,13 @@
 """Triton kernels for scaled sign with error feedback (see :mod:`kernels.sign` for the meaning).
 
-The dispatcher in :mod:`kernels.sign` calls these for CUDA tensors, or for CPU tensors under
-``TRITON_INTERPRET=1``, and only for byte-aligned layouts (``block % 8 == 0`` or one block).
+The dispatcher (:mod:`kernels._dispatch`) has :mod:`kernels.sign` call these for CUDA tensors,
+or for CPU tensors under ``TRITON_INTERPRET=1``, and only for byte-aligned layouts
+(``block % 8 == 0`` or one block).
 
-Tiling: a program holds a ``(G, CHUNK)`` tile, ``G`` whole blocks of at most ``CHUNK``
-elements each (``CHUNK`` = the next power of two >= ``block``, at least 8). Short blocks are
-grouped ``G`` to a program so that a program still does a useful amount of work; a block
-longer than ``_MAX_TILE`` elements gets a program of its own (``G = 1``) that walks it in
-chunks of ``_MAX_TILE``, a first pass for the sums and a second one that recomputes ``v`` and
-writes the bits and the residual. Either way the whole op is one kernel launch.
+Tiling, bit packing and payload rows are those of :mod:`kernels.triton_blocks`: a program
+holds ``G`` whole short blocks, or walks one long block in chunks, with a first pass for the
+sums and a second one that recomputes ``v`` and writes the bits and the residual. Either way
+the whole op is one kernel launch.
 
 * :func:`sign_ef` and :func:`sign_server_step` share one kernel: the server step decodes
   and sums the ranks' payloads onto the server error in registers (in payload order, as the
@@ -16,10 +15,6 @@ writes the bits and the residual. Either way the whole op is one kernel launch.
 * :func:`sign_decode_add` reads ``out`` once, adds every payload in registers, writes once;
   its programs cover ``G`` blocks or one chunk of a long block each (no per-element division
   to find an element's block).
-
-Payload lists are passed to the kernels as one ``(R, len)`` row-strided tensor: views into
-one buffer at a constant spacing (the usual layout of an all-gather output) go in without a
-copy, anything else is stacked first.
 
 Numerics: ``-0.0`` encodes as ``+`` (``v >= 0``), NaN as ``-``; a block holding inf/NaN gets a
 non-finite scale and residual, other blocks are unaffected. Scales divide with IEEE rounding
@@ -29,91 +24,14 @@ scales and sums differ from it only by summation order.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels._blocks import num_blocks
+from kernels.triton_blocks import bit_at, decode_grid, decode_tile, geometry, pack_store, payload_rows, warps
 
 __all__ = ["sign_ef", "sign_decode_add", "sign_server_step"]
-
-# Elements of one block a program holds at once; longer blocks are walked in chunks.
-_MAX_TILE = 4096
-# Elements per program that short blocks are grouped up to.
-_GROUP_TARGET = 2048
-
-
-# ----- helpers shared with the other Triton modules --------------------------------------
-def _geometry(n: int, block: int) -> tuple[int, int, int, int, bool]:
-    """``(block, nb, G, CHUNK, ONE_PASS)`` for ``n`` elements in blocks of ``block``.
-
-    A single block is given the length ``n`` (its real length) so that block ``0`` covers
-    exactly the tensor.
-    """
-    nb = num_blocks(n, block)
-    if nb == 1:
-        block = n
-    chunk = max(8, triton.next_power_of_2(min(block, _MAX_TILE)))
-    one_pass = block <= chunk
-    group = 1
-    if one_pass:
-        group = max(1, min(_GROUP_TARGET // chunk, triton.next_power_of_2(nb)))
-    return block, nb, group, chunk, one_pass
-
-
-def _warps(elements: int) -> int:
-    return 8 if elements >= 4096 else 4
-
-
-def _rows(tensors: Sequence[torch.Tensor], length: int, dtype: torch.dtype, device, name: str):
-    """``tensors`` (``R`` 1-D tensors of ``length`` elements) as an ``(R, length)`` tensor with
-    unit column stride, and its row stride.
-
-    Views into one storage at a constant non-negative spacing are taken as they are (no copy);
-    anything else is stacked.
-    """
-    for t in tensors:
-        if t.dtype != dtype or t.dim() != 1 or t.numel() != length:
-            raise ValueError(
-                f"`{name}` entries must be 1-D {dtype} tensors of {length} elements; got {t.dtype} {tuple(t.shape)}"
-            )
-        if t.device != device:
-            raise ValueError(f"`{name}` entries must be on {device}; got {t.device}")
-    first = tensors[0]
-    if all(t.is_contiguous() for t in tensors):
-        if len(tensors) == 1:
-            return first.view(1, length), max(length, 1)
-        ptr = first.untyped_storage().data_ptr()
-        off = first.storage_offset()
-        step = tensors[1].storage_offset() - off
-        if step >= 0 and all(
-            t.untyped_storage().data_ptr() == ptr and t.storage_offset() == off + r * step
-            for r, t in enumerate(tensors)
-        ):
-            return first.as_strided((len(tensors), length), (step, 1)), step
-    return torch.stack([t.contiguous() for t in tensors]), max(length, 1)
-
-
-@triton.jit
-def _pack_store(flags, out_ptr, row_start, c0, block, n, G: tl.constexpr, CHUNK: tl.constexpr):
-    """Store a ``(G, CHUNK)`` tile of 0/1 int32 flags (zero where masked) as bits, 8 per byte,
-    element ``j`` of a byte at bit ``j``; ``row_start + c0`` is a multiple of 8."""
-    lanes = tl.reshape(flags, (G, CHUNK // 8, 8))
-    shifts = tl.arange(0, 8)
-    byte = tl.sum(lanes << shifts[None, None, :], axis=2)
-    bcol = tl.arange(0, CHUNK // 8) * 8
-    first = row_start[:, None] + c0 + bcol[None, :]  # element index of each byte's bit 0
-    ok = (c0 + bcol[None, :] < block) & (first < n)
-    tl.store(out_ptr + first // 8, byte.to(tl.uint8), mask=ok)
-
-
-@triton.jit
-def _bit_at(packed_ptr, offs, mask):
-    """The bit of element ``offs`` in a 1-bit packed tensor, as int32 0/1."""
-    byte = tl.load(packed_ptr + offs // 8, mask=mask, other=0).to(tl.int32)
-    return (byte >> (offs % 8).to(tl.int32)) & 1
 
 
 # ----- encode (and the server step) ------------------------------------------------------
@@ -134,7 +52,7 @@ def _load_v(
         pk_row = pk_in_ptr
         for _ in range(R):
             s = tl.load(sc_row + rows, mask=row_ok, other=0.0)[:, None]
-            bit = _bit_at(pk_row, offs, mask)
+            bit = bit_at(pk_row, offs, mask)
             v = v + tl.where(bit != 0, s, -s)
             sc_row += sc_stride
             pk_row += pk_stride
@@ -145,7 +63,7 @@ def _load_v(
 def _emit(v, mask, offs, scale, packed_ptr, res_out_ptr, row_start, c0, block, n,
           WRITE_RES: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr):
     positive = (v >= 0) & mask
-    _pack_store(positive.to(tl.int32), packed_ptr, row_start, c0, block, n, G, CHUNK)
+    pack_store(positive.to(tl.int32), packed_ptr, row_start, c0, block, n, G, CHUNK)
     if WRITE_RES:
         s = scale[:, None]
         tl.store(res_out_ptr + offs, v - tl.where(positive, s, -s), mask=mask)
@@ -206,7 +124,7 @@ def _encode(x, residual, payloads, block, residual_out, scale=1.0):
     packed = torch.empty(-(-n // 8), dtype=torch.uint8, device=device)
     if n == 0:
         return scales, packed, sq
-    block_k, nb, group, chunk, one_pass = _geometry(n, block)
+    block_k, nb, group, chunk, one_pass = geometry(n, block)
     if payloads is None:
         sc_in, sc_stride, pk_in, pk_stride, r = x, 0, x, 0, 0
     else:
@@ -218,7 +136,7 @@ def _encode(x, residual, payloads, block, residual_out, scale=1.0):
         n, nb, block_k,
         G=group, CHUNK=chunk, ONE_PASS=one_pass, SCALED=scale != 1.0,
         HAS_RES=residual is not None, DECODE=payloads is not None, WRITE_RES=residual_out is not None,
-        num_warps=_warps(group * chunk), enable_fp_fusion=False,
+        num_warps=warps(group * chunk), enable_fp_fusion=False,
     )
     return scales, packed, sq
 
@@ -232,8 +150,8 @@ def _payloads(scales, packed, n: int, block: int, device):
     nb = num_blocks(n, block)
     if len(scales) != len(packed):
         raise ValueError(f"{len(scales)} scale tensors but {len(packed)} bit tensors")
-    sc, sc_stride = _rows(scales, nb, torch.float32, device, "scales")
-    pk, pk_stride = _rows(packed, -(-n // 8), torch.uint8, device, "packed")
+    sc, sc_stride = payload_rows(scales, nb, torch.float32, device, "scales")
+    pk, pk_stride = payload_rows(packed, -(-n // 8), torch.uint8, device, "packed")
     return sc, sc_stride, pk, pk_stride, len(scales)
 
 
@@ -246,38 +164,18 @@ def sign_server_step(scales, packed, server_error: torch.Tensor, block: int, ser
 
 # ----- decode-accumulate -----------------------------------------------------------------
 @triton.jit
-def _tile(pid, chunks, n, nb, block, G: tl.constexpr, CHUNK: tl.constexpr):
-    """Rows, offsets and mask of the ``(G, CHUNK)`` tile of program ``pid`` of a decode grid:
-    ``chunks`` programs per group of ``G`` blocks, one per ``CHUNK`` elements of a block.
-    No per-element division: the block of every element is its row."""
-    rows = (pid // chunks).to(tl.int64) * G + tl.arange(0, G)
-    c0 = (pid % chunks).to(tl.int64) * CHUNK
-    cols = c0 + tl.arange(0, CHUNK)
-    offs = rows[:, None] * block + cols[None, :]
-    mask = (cols[None, :] < block) & (offs < n)
-    return rows, rows < nb, offs, mask
-
-
-def _decode_grid(n: int, block: int):
-    """``(grid, block, nb, chunks, G, CHUNK)`` of a decode launch (the encode tiling)."""
-    block_k, nb, group, chunk, _ = _geometry(n, block)
-    chunks = triton.cdiv(block_k, chunk)
-    return (triton.cdiv(nb, group) * chunks,), block_k, nb, chunks, group, chunk
-
-
-@triton.jit
 def _sign_decode_add_kernel(
     sc_ptr, pk_ptr, sc_stride, pk_stride, R, out_ptr, n, nb, block, chunks,
     G: tl.constexpr, CHUNK: tl.constexpr, ASSIGN: tl.constexpr,
 ):
-    rows, row_ok, offs, mask = _tile(tl.program_id(0), chunks, n, nb, block, G, CHUNK)
+    rows, row_ok, offs, mask = decode_tile(tl.program_id(0), chunks, n, nb, block, G, CHUNK)
     if ASSIGN:  # out's old contents are not read: the sum starts from 0
         acc = tl.zeros((G, CHUNK), dtype=tl.float32)
     else:
         acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
     for _ in range(R):
         s = tl.load(sc_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        bit = _bit_at(pk_ptr, offs, mask)
+        bit = bit_at(pk_ptr, offs, mask)
         acc = acc + tl.where(bit != 0, s, -s)
         sc_ptr += sc_stride  # the next payload's row; pointer arithmetic is 64-bit
         pk_ptr += pk_stride
@@ -290,9 +188,9 @@ def sign_decode_add(scales, packed, out: torch.Tensor, block: int, assign: bool 
     if n == 0 or not len(scales):
         return out.zero_() if assign else out
     sc, sc_stride, pk, pk_stride, r = _payloads(scales, packed, n, block, out.device)
-    grid, block_k, nb, chunks, group, chunk = _decode_grid(n, block)
+    grid, block_k, nb, chunks, group, chunk = decode_grid(n, block)
     _sign_decode_add_kernel[grid](
         sc, pk, sc_stride, pk_stride, r, out, n, nb, block_k, chunks,
-        G=group, CHUNK=chunk, ASSIGN=bool(assign), num_warps=_warps(group * chunk), enable_fp_fusion=False,
+        G=group, CHUNK=chunk, ASSIGN=bool(assign), num_warps=warps(group * chunk), enable_fp_fusion=False,
     )
     return out

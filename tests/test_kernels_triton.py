@@ -26,7 +26,7 @@ from kernels._blocks import num_blocks  # noqa: E402
 from kernels.bitpack import unpack_bits  # noqa: E402
 from kernels.rng import uniform  # noqa: E402
 
-from kernels import triton_qsgd, triton_sign, triton_topk  # noqa: E402
+from kernels import triton_blocks, triton_qsgd, triton_sign, triton_topk  # noqa: E402
 
 
 def _interpreted(fn) -> bool:
@@ -139,9 +139,9 @@ def test_sign_ef_matches_twin(calls, n, block, with_residual):
 def test_sign_ef_in_place_residual_and_chunked_blocks(calls, monkeypatch):
     """``residual_out is residual`` (in-place feedback), and blocks longer than a tile, walked
     in chunks (the tile is shrunk so that the interpreter stays fast)."""
-    monkeypatch.setattr(triton_sign, "_MAX_TILE", 64)
+    monkeypatch.setattr(triton_blocks, "MAX_TILE", 64)
     for n, block in [(1000, 192), (1027, 256), (500, 1000)]:
-        assert not triton_sign._geometry(n, block)[4]  # really the chunked path
+        assert not triton_blocks.geometry(n, block)[4]  # really the chunked path
         x, residual = _randn(n, 2), _randn(n, 3)
         res_twin = torch.empty_like(x)
         want = sign.sign_ef_torch(x, residual, block, res_twin)
@@ -223,14 +223,14 @@ def test_sign_decode_add_matches_twin(calls, n, block, count, gathered):
 def test_payload_rows_copy_only_when_needed():
     flat = torch.arange(30, dtype=torch.float32, device=DEVICE)
     views = [flat[r * 10 : r * 10 + 8] for r in range(3)]
-    rows, stride = triton_sign._rows(views, 8, torch.float32, flat.device, "t")
+    rows, stride = triton_blocks.payload_rows(views, 8, torch.float32, flat.device, "t")
     assert stride == 10 and rows.data_ptr() == flat.data_ptr()
     assert torch.equal(rows, torch.stack(views))
     apart = [v.clone() for v in views]
-    rows, stride = triton_sign._rows(apart, 8, torch.float32, flat.device, "t")
+    rows, stride = triton_blocks.payload_rows(apart, 8, torch.float32, flat.device, "t")
     assert stride == 8 and torch.equal(rows, torch.stack(views))
     with pytest.raises(ValueError):
-        triton_sign._rows([flat[:7]], 8, torch.float32, flat.device, "t")
+        triton_blocks.payload_rows([flat[:7]], 8, torch.float32, flat.device, "t")
 
 
 @NONFINITE
@@ -265,7 +265,7 @@ def test_sign_server_step_matches_twin(calls, n, block, count):
 
 
 def test_sign_server_step_chunked(calls, monkeypatch):
-    monkeypatch.setattr(triton_sign, "_MAX_TILE", 64)
+    monkeypatch.setattr(triton_blocks, "MAX_TILE", 64)
     n, block = 1000, 192
     scales, packed = _sign_payloads(n, block, 2, gathered=False)
     server_error = _randn(n, 12, 0.1)
@@ -314,9 +314,9 @@ def test_qsgd_encode_matches_twin(calls, bits, n, block):
 
 @pytest.mark.parametrize("bits", [2, 8])
 def test_qsgd_encode_chunked_blocks(calls, monkeypatch, bits):
-    monkeypatch.setattr(triton_sign, "_MAX_TILE", 64)  # qsgd shares the tiling of triton_sign
+    monkeypatch.setattr(triton_blocks, "MAX_TILE", 64)  # the tiling both Triton modules share
     for n, block in [(1000, 192), (500, 1000)]:
-        assert not triton_sign._geometry(n, block)[4]
+        assert not triton_blocks.geometry(n, block)[4]
         x = _randn(n, 21)
         got = qsgd.qsgd_encode(x, bits=bits, block=block, seed=2**40 + 3)
         want = qsgd.qsgd_encode_torch(x, bits, block, 2**40 + 3)
@@ -400,9 +400,9 @@ def test_qsgd_decode_add_nonfinite_norm(calls):
 
 def test_decode_add_chunked_blocks(calls, monkeypatch):
     """Decoding blocks longer than a tile: a program per chunk of a block."""
-    monkeypatch.setattr(triton_sign, "_MAX_TILE", 64)
+    monkeypatch.setattr(triton_blocks, "MAX_TILE", 64)
     for n, block in [(1000, 192), (500, 1000)]:
-        assert triton_sign._decode_grid(n, block)[3] > 1  # really several chunks per block
+        assert triton_blocks.decode_grid(n, block)[3] > 1  # really several chunks per block
         scales, packed = _sign_payloads(n, block, 2, gathered=True)
         out = _randn(n, 14)
         want = sign.sign_decode_add_torch(scales, packed, out.clone(), block)
