@@ -37,8 +37,9 @@ ENV_VAR = "LIGHTNING_COMPRESS_KERNELS"
 PATHS = ("auto", "triton", "cpu", "torch")
 
 _NAMES = {"triton": "Triton", "cpu": "C"}
-_FORCED = {path: f"{ENV_VAR}={path}" for path in PATHS}
-_AUTO = {"triton": f"{ENV_VAR}=auto and a CUDA tensor", "cpu": f"{ENV_VAR}=auto and a CPU tensor"}
+# (path, reason) pairs of the usual choices, made once: the choice is made on every op call.
+_FORCED = {path: (path, f"{ENV_VAR}={path}") for path in PATHS[1:]}
+_AUTO = {"triton": ("triton", f"{ENV_VAR}=auto and a CUDA tensor"), "cpu": ("cpu", f"{ENV_VAR}=auto and a CPU tensor")}
 
 
 class Choice(NamedTuple):
@@ -84,10 +85,16 @@ def library_wanted() -> bool:
     return _setting() not in ("torch", "triton")
 
 
-def _cpu() -> ModuleType:
-    from kernels import cpu  # late: kernels.cpu imports this module, and building the library is lazy
+_cpu_module: ModuleType | None = None
 
-    return cpu
+
+def _cpu() -> ModuleType:
+    global _cpu_module
+    if _cpu_module is None:
+        from kernels import cpu  # late: kernels.cpu imports this module, and building the library is lazy
+
+        _cpu_module = cpu
+    return _cpu_module
 
 
 def unavailable(path: str, tensor: torch.Tensor) -> str | None:
@@ -95,14 +102,12 @@ def unavailable(path: str, tensor: torch.Tensor) -> str | None:
 
     Asking about ``"cpu"`` for a CPU tensor builds (or loads) the C library.
     """
-    device = tensor.device
-    if path == "triton":
-        error = _triton_import_error()
-        if error is not None:
-            return f"triton does not import ({error})"
-        if device.type != "cuda" and not triton_interpreting():
-            return f"a {device.type} tensor needs TRITON_INTERPRET=1"
-        return None
+    if path not in PATHS[1:]:
+        raise ValueError(f"`path` must be one of {PATHS[1:]}; got {path!r}")
+    return _unavailable(path, tensor.device)
+
+
+def _unavailable(path: str, device: torch.device) -> str | None:
     if path == "cpu":
         if device.type != "cpu":
             return f"the tensor is on {device}"
@@ -110,26 +115,44 @@ def unavailable(path: str, tensor: torch.Tensor) -> str | None:
         if not cpu.available():
             return f"the CPU library could not be built: {cpu.build_error()}"
         return None
-    if path == "torch":
-        return None
-    raise ValueError(f"`path` must be one of {PATHS[1:]}; got {path!r}")
+    if path == "triton":
+        error = _triton_import_error()
+        if error is not None:
+            return f"triton does not import ({error})"
+        if device.type != "cuda" and not triton_interpreting():
+            return f"a {device.type} tensor needs TRITON_INTERPRET=1"
+    return None
 
 
-def _environment(tensor: torch.Tensor) -> Choice:
-    """The path the setting and the device give, before what the op has is considered."""
+def _environment(tensor: torch.Tensor) -> tuple[str, str]:
+    """``(path, reason)`` that the setting and the device give, before what the op has is considered."""
     path = _requested()
     if path == "torch":
-        return Choice("torch", _FORCED["torch"])
+        return _FORCED["torch"]
+    device = tensor.device
     if path == "auto":
-        compiled = "triton" if tensor.device.type == "cuda" else "cpu"
-        why = unavailable(compiled, tensor)
+        compiled = "triton" if device.type == "cuda" else "cpu"
+        why = _unavailable(compiled, device)
         if why is None:
-            return Choice(compiled, _AUTO[compiled])
-        return Choice("torch", f"the {_NAMES[compiled]} path is unavailable: {why}")
-    why = unavailable(path, tensor)
+            return _AUTO[compiled]
+        return "torch", f"the {_NAMES[compiled]} path is unavailable: {why}"
+    why = _unavailable(path, device)
     if why is not None:
         raise RuntimeError(f"{ENV_VAR}={path} but {why}")
-    return Choice(path, _FORCED[path])
+    return _FORCED[path]
+
+
+def _decide(tensor: torch.Tensor, has_triton: bool, has_cpu: bool, fits) -> tuple[str, str]:
+    """``(path, reason)``: :func:`choose` without building a :class:`Choice`."""
+    chosen = _environment(tensor)
+    path = chosen[0]
+    if path == "torch":
+        return chosen
+    if not (has_triton if path == "triton" else has_cpu):
+        return "torch", f"the op has no {_NAMES[path]} kernel"
+    if not (fits() if callable(fits) else fits):
+        return "torch", f"the op's {_NAMES[path]} kernel does not take these tensors' layout"
+    return chosen
 
 
 def choose(
@@ -154,19 +177,12 @@ def choose(
         >>> choose(torch.zeros(4), fits=False).path  # tensors the kernels do not take: the twin
         'torch'
     """
-    choice = _environment(tensor)
-    if choice.path == "torch":
-        return choice
-    if choice.path not in paths:
-        return Choice("torch", f"the op has no {_NAMES[choice.path]} kernel")
-    if not (fits() if callable(fits) else fits):
-        return Choice("torch", f"the op's {_NAMES[choice.path]} kernel does not take these tensors' layout")
-    return choice
+    return Choice(*_decide(tensor, "triton" in paths, "cpu" in paths, fits))
 
 
 def path_for(tensor: torch.Tensor) -> str:
     """The path (``"triton"``, ``"cpu"`` or ``"torch"``) that ops with both compiled kernels take on ``tensor`` now."""
-    return _environment(tensor).path
+    return _environment(tensor)[0]
 
 
 def implementation(
@@ -187,8 +203,7 @@ def implementation(
     Returns:
         :mod:`kernels.cpu`, the Triton module (imported now), or None.
     """
-    paths = ("triton",) * (triton is not None) + ("cpu",) * bool(cpu)
-    path = choose(tensor, paths=paths, fits=fits).path
+    path = _decide(tensor, triton is not None, cpu, fits)[0]
     if path == "cpu":
         return _cpu()
     if path == "triton":
