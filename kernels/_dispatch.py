@@ -14,8 +14,9 @@ same choice with the reason. The device of the tensor and ``LIGHTNING_COMPRESS_K
 
 A forced path that cannot run raises a ``RuntimeError`` that says why (:func:`unavailable`).
 An op without a kernel on the chosen path, or whose tensors that kernel does not take, runs
-its twin. Ops whose C kernel reads only contiguous fp32 inputs of any dtype check that
-before they ask, so other inputs never consult the setting.
+its twin. Ops that take any dtype but whose C kernel reads only contiguous fp32 (the
+finiteness check, the velocity) look at that before they ask, so other inputs never consult
+the setting.
 """
 
 from __future__ import annotations
