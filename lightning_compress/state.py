@@ -67,6 +67,13 @@ class CompressionStats:
     wait_seconds_last_step: float = 0.0
     #: buckets of the last step that some rank could not send finite, averaged densely instead
     fallback_buckets_last_step: int = 0
+    #: since registration (and, after a resume, since the start of training): steps that compressed
+    #: something, the sum of their gains, and the seconds counted per step above
+    compressed_steps: int = 0
+    gain_sum: float = 0.0
+    encode_seconds_total: float = 0.0
+    decode_seconds_total: float = 0.0
+    wait_seconds_total: float = 0.0
 
     world_size: int = 1
 
@@ -90,8 +97,13 @@ class CompressionStats:
             return self._dense_sent(self.dense_bytes_total) / self.sent_bytes_total
         return self.dense_bytes_total / self.bytes_total if self.bytes_total else 1.0
 
+    @property
+    def mean_gain(self) -> float:
+        """:attr:`gain` averaged over the steps that compressed something (1.0 before the first)."""
+        return self.gain_sum / self.compressed_steps if self.compressed_steps else 1.0
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": self.ratio, "ratio_total": self.ratio_total}
+        return {**asdict(self), "ratio": self.ratio, "ratio_total": self.ratio_total, "mean_gain": self.mean_gain}
 
 
 _STATS_FIELDS = frozenset(f.name for f in fields(CompressionStats))
@@ -171,13 +183,34 @@ class CompressionState:
         self._set_config(config)
         self._reset_step_counters()
         if self.rank == 0:
-            log.info("lightning_compress: %s on %d ranks via %s", config, self.world_size, self.transport)
+            # The integrations print the settings once, in their start line (lightning_compress.report).
+            log.debug("lightning_compress: %s on %d ranks via %s", config, self.world_size, self.transport)
             if config.feedback == "doublesqueeze":
                 log.info(
                     "lightning_compress: DoubleSqueeze compresses twice (worker and aggregate): where it trails dense "
                     "accuracy, lower the learning rate (on digits with SGD + momentum, 0.6x closed most of the gap; "
                     "see the README's convergence results)"
                 )
+
+    def __repr__(self) -> str:
+        s = self.stats
+        memory = sum(t.numel() * t.element_size() for mem in self.memory.values() for t in mem.values())
+        memory += sum(t.numel() * t.element_size() for t in (*self.server_memory.values(), *self.velocity.values()))
+        parts = [
+            f"{self.config.compressor}/{self.config.feedback} via {self.transport}",
+            f"rank {self.rank} of {self.world_size}",
+            f"step {self.step}",
+            f"{len(self.param_shapes) or len(self.param_names)} tensors",
+            f"memory {len(self.memory)} tensors ({memory / 2**20:.3g} MiB)",
+        ]
+        if s.steps:
+            parts.append(f"last step ratio {s.ratio:.1f}x, gain {s.gain:.3f}")
+            parts.append(f"sent {s.sent_bytes_total:.0f} B in total ({s.ratio_total:.1f}x fewer than dense)")
+        if self.momentum is not None:
+            parts.append(f"momentum {self.momentum.mode}")
+        if self.adaptive is not None:
+            parts.append(f"GraVAC at CF {self.adaptive.controller.last_sent_cf:g}")
+        return f"CompressionState({', '.join(parts)})"
 
     # ----- configuration ------------------------------------------------------------------
     def _set_config(self, config: CompressionConfig) -> None:
@@ -264,6 +297,12 @@ class CompressionState:
         s.decode_seconds_last_step = self._step_decode_s
         s.wait_seconds_last_step = self._step_wait_s
         s.fallback_buckets_last_step = self._step_fallbacks
+        s.encode_seconds_total += self._step_encode_s
+        s.decode_seconds_total += self._step_decode_s
+        s.wait_seconds_total += self._step_wait_s
+        if self._step_compressed:
+            s.compressed_steps += 1
+            s.gain_sum += s.gain
         s.steps += 1
         comm.bytes_handed, comm.bytes_sent = 0, 0.0
         self._reset_step_counters()
