@@ -25,15 +25,33 @@ from typing import Any
 import torch
 
 from kernels.finite import all_finite
-from lightning_compress.compressors import Compressor
+from lightning_compress.compressors import COMPRESSORS, Compressor
+from lightning_compress.config import CompressionConfig
 from lightning_compress.gravac import GraVACController, Plan
 from lightning_compress.transport import send_encoded
 
-__all__ = ["AdaptiveRun", "ADAPTIVE_COMPRESSORS", "qsgd_ladder", "attach_gravac"]
+__all__ = ["AdaptiveRun", "ADAPTIVE_COMPRESSORS", "compressor_at", "qsgd_ladder", "attach_gravac"]
 
 ADAPTIVE_COMPRESSORS = ("topk", "dgc", "qsgd")
 _FP32_MAX = torch.finfo(torch.float32).max
 _QSGD_BITS = (8, 4, 2, 1)
+
+
+def compressor_at(config: CompressionConfig, cf: float) -> Compressor:
+    """``config``'s compressor at compression factor ``cf``: top-k/DGC at density ``1 / cf``, QSGD at the
+    bit width whose factor is closest.
+
+    Built directly, not through a :class:`CompressionConfig`: these levels are GraVAC's own, its error
+    feedback is applied outside them, and the pairing advice a config gives a user does not apply.
+    """
+    if config.compressor == "qsgd":
+        bits = min(_QSGD_BITS, key=lambda b: abs(32.0 / (b + 1) - cf))
+        density = config.density
+    else:
+        bits, density = config.bits, min(1.0, 1.0 / cf)
+    return COMPRESSORS[config.compressor](
+        density=density, bits=bits, block_size=config.block_size, sample_fraction=config.dgc_sample_fraction
+    )
 
 
 def qsgd_ladder() -> list[float]:
@@ -82,12 +100,7 @@ class AdaptiveRun:
         """The configured compressor at compression factor ``cf``."""
         comp = self._compressors.get(cf)
         if comp is None:
-            if self._base.compressor == "qsgd":
-                bits = min(_QSGD_BITS, key=lambda b: abs(32.0 / (b + 1) - cf))
-                comp = self._base.replace(bits=bits, feedback="none").make_compressor()
-            else:
-                comp = self._base.replace(density=min(1.0, 1.0 / cf), feedback="none").make_compressor()
-            self._compressors[cf] = comp
+            comp = self._compressors[cf] = compressor_at(self._base, cf)
         return comp
 
     def plan(self, step: int) -> Plan:
