@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 # The core runs without Lightning; with it, the import registers the strategy names
 # (compressed_ddp, compressed_ddp_spawn, ...) in Lightning's Trainer and Fabric registries.
 if _find_spec("lightning") is not None:
-    from lightning_compress.callbacks import GraVAC
+    from lightning_compress.callbacks import CompressionMonitor, GraVAC
     from lightning_compress.strategy import CompressedDDPStrategy
 
-    __all__ += ["CompressedDDPStrategy", "GraVAC"]
+    __all__ += ["CompressedDDPStrategy", "CompressionMonitor", "GraVAC"]

@@ -9,6 +9,7 @@ carries every rank's compression state, and ``fabric.load`` gives each rank its 
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 from datetime import timedelta
 from typing import Any, Literal, Mapping, Optional
 
@@ -21,7 +22,16 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_compress.config import CompressionConfig
-from lightning_compress.strategy import _NAMES, CHECKPOINT_KEY, _CompressionCore, _rescale_memory
+from lightning_compress.strategy import (
+    CHECKPOINT_KEY,
+    CompressorName,
+    FeedbackName,
+    MomentumMode,
+    TransportName,
+    _CompressionCore,
+    _register_names,
+    _rescale_memory,
+)
 
 __all__ = ["CompressedDDPStrategy"]
 
@@ -36,6 +46,11 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
     plus Fabric's ``DDPStrategy`` arguments. ``fabric.save(path, state)`` adds every rank's compression state
     under ``"lightning_compress"`` when ``state`` holds an optimizer (a training checkpoint); ``fabric.load``
     restores each rank's own, before or after ``fabric.setup``.
+
+    ``fabric.setup`` prints (rank 0) one line with the settings that run and the bytes a step is expected
+    to send against dense DDP, and the process prints a summary line when it ends; on a single process a
+    warning says that nothing is exchanged. To log the per-step metrics through ``fabric.log_dict``, add
+    ``callbacks=[lightning_compress.CompressionMonitor()]`` to a Fabric that has loggers.
 
     Raises:
         ValueError: a compression option is invalid, or a ``ddp_comm_*`` argument is given.
@@ -52,18 +67,18 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         self,
         compression: CompressionConfig | Mapping[str, Any] | str | None = None,
         *,
-        compressor: Optional[str] = None,
-        density: Optional[float] = None,
-        bits: Optional[int] = None,
-        feedback: Optional[str] = None,
-        transport: Optional[str] = None,
-        warmup_steps: Optional[int] = None,
-        min_numel: Optional[int] = None,
-        block_size: Optional[int] = None,
-        seed: Optional[int] = None,
+        compressor: CompressorName = "sign",
+        density: float = 0.01,
+        bits: int = 8,
+        feedback: FeedbackName = "ef",
+        transport: TransportName = "auto",
+        warmup_steps: int = 0,
+        min_numel: int = 1024,
+        block_size: int = 1024,
+        seed: int = 0,
         diana_alpha: Optional[float] = None,
-        dgc_sample_fraction: Optional[float] = None,
-        momentum: Optional[str] = None,
+        dgc_sample_fraction: float = 0.01,
+        momentum: MomentumMode = "auto",
         save_compression_memory: bool = True,
         accelerator: Any = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -82,6 +97,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         )  # fmt: skip
         self._init_compression(compression, options, save_compression_memory, False, kwargs)
         self._pending_optimizers: list[Optimizer] = []
+        self._end_line_due = False
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -100,6 +116,12 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         ddp = super().setup_module(module)
         self._register_compression_hook(ddp)
         self._attach_optimizers(self._pending_optimizers)
+        self._say_start(ddp)
+        if not self._end_line_due:
+            # Fabric has no end of training it tells a strategy about: the summary comes at process exit
+            # (or at teardown, if that comes first). multiprocessing runs these finalizers in its children too.
+            self._end_line_due = True
+            multiprocessing.util.Finalize(None, self._say_end, exitpriority=10)
         return ddp
 
     @override
@@ -150,6 +172,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        self._say_end()
         self._loaded_compression = None
         self._hook_active = False
         self._detach_optimizers()
@@ -158,14 +181,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        for name, start_method in _NAMES:
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"lightning_compress: DDP with compressed gradients, start_method '{start_method}'",
-                override=True,
-                start_method=start_method,
-            )
+        _register_names(cls, strategy_registry, ("lightning_compress.fabric.CompressedDDPStrategy",))
 
 
 CompressedDDPStrategy.register_strategies(STRATEGY_REGISTRY)

@@ -22,8 +22,10 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_compress import report
 from lightning_compress.callbacks import CompressionMonitor, _make_pytorch_lightning_monitor
-from lightning_compress.config import CompressionConfig
+from lightning_compress.compressors import COMPRESSORS
+from lightning_compress.config import FEEDBACKS, MOMENTUM_MODES, TRANSPORTS, CompressionConfig
 from lightning_compress.hook import register_compression
 from lightning_compress.momentum import attach_optimizer
 from lightning_compress.state import CompressionState
@@ -34,7 +36,16 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "lightning_compress"
 _FIELDS = tuple(f.name for f in fields(CompressionConfig))
+_DEFAULTS = {f.name: f.default for f in fields(CompressionConfig)}
+# The choices, as types that signatures show (help(), IDEs, LightningCLI).
+CompressorName = Literal[tuple(COMPRESSORS)]  # type: ignore[valid-type]
+FeedbackName = Literal[FEEDBACKS]  # type: ignore[valid-type]
+TransportName = Literal[TRANSPORTS]  # type: ignore[valid-type]
+MomentumMode = Literal[MOMENTUM_MODES]  # type: ignore[valid-type]
 _COMM_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper")
+# DistributedDataParallel's defaults of the options the Trainer strategy names in its signature.
+_DDP_DEFAULTS = dict(find_unused_parameters=False, static_graph=False, gradient_as_bucket_view=False,
+                     bucket_cap_mb=None, broadcast_buffers=True)  # fmt: skip
 _OWN_ARGS = ("compression", "save_compression_memory", "log_compression_stats")
 _NAMES = (
     ("compressed_ddp", "popen"),
@@ -100,6 +111,13 @@ def _check_ddp_keywords(strategy: str, ddp_kwargs: Mapping[str, Any]) -> None:
     )
 
 
+def _given(compression: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword options that override ``compression``: all of them without a base, else those off their default."""
+    if compression is None:
+        return dict(options)
+    return {k: v for k, v in options.items() if v != _DEFAULTS[k] or type(v) is not type(_DEFAULTS[k])}
+
+
 class _CompressionCore:
     """Framework-neutral compression bookkeeping of a strategy (Trainer and Fabric)."""
 
@@ -120,12 +138,13 @@ class _CompressionCore:
             )
         if not isinstance(save_compression_memory, bool):
             raise TypeError(f"`save_compression_memory` must be bool; got {save_compression_memory!r}")
-        self._compression = build_config(compression, **options)
+        self._compression = build_config(compression, **_given(compression, options))
         self._save_compression_memory = save_compression_memory
         self._log_compression_stats = log_compression_stats
         self._compression_state: CompressionState | None = None
         self._hook_active = False
         self._loaded_compression: dict[str, Any] | None = None
+        self._started_at_step: int | None = None  # stats.steps when the start line was printed
 
     # ----- public -----------------------------------------------------------------------------
     @property
@@ -158,7 +177,39 @@ class _CompressionCore:
         )
         self._hook_active = True
         self._apply_loaded_compression()
-        return self._compression_state
+        state = self._compression_state
+        if state.world_size == 1:
+            rank_zero_warn(
+                f"lightning_compress: {type(self).__name__} runs on 1 process: there is no gradient exchange, so "
+                "compression saves no bytes (nothing is sent). The compressor and its error feedback still run and "
+                "change training as they would on several processes. Compression pays with several processes "
+                "(devices > 1 or num_nodes > 1); for one, a single-device strategy does the same work without it."
+            )
+        return state
+
+    def _say_start(self, model: Any, gravac_theta_min: float | None = None) -> None:
+        """Rank 0 prints the settings that run and the bytes a step is expected to send (several processes only)."""
+        state = self._compression_state
+        if state is None or self._started_at_step is not None:
+            return
+        self._started_at_step = state.stats.steps
+        if state.rank != 0 or state.world_size == 1:
+            return
+        module = getattr(model, "module", model)
+        params = [(n, p.shape, p.element_size()) for n, p in module.named_parameters() if p.requires_grad]
+        report.report_logger.info(
+            report.start_line("lightning-compress", state.config, params, state.world_size, gravac_theta_min,
+                              None if gravac_theta_min is not None else state.transport)  # fmt: skip
+        )
+
+    def _say_end(self) -> None:
+        """Rank 0 prints the run's summary when this run took steps (several processes only)."""
+        state, started = self._compression_state, self._started_at_step
+        self._started_at_step = None
+        if state is None or started is None or state.stats.steps <= started:
+            return
+        if state.rank == 0 and state.world_size > 1:
+            report.report_logger.info(report.end_line("lightning-compress", state))
 
     def _attach_optimizers(self, optimizers: list[Any]) -> None:
         """Move the (single) optimizer's momentum into the exchange, as ``config.momentum`` says."""
@@ -236,18 +287,18 @@ class _CompressedDDPMixin(_CompressionCore):
         self,
         compression: CompressionConfig | Mapping[str, Any] | str | None = None,
         *,
-        compressor: Optional[str] = None,
-        density: Optional[float] = None,
-        bits: Optional[int] = None,
-        feedback: Optional[str] = None,
-        transport: Optional[str] = None,
-        warmup_steps: Optional[int] = None,
-        min_numel: Optional[int] = None,
-        block_size: Optional[int] = None,
-        seed: Optional[int] = None,
+        compressor: CompressorName = "sign",
+        density: float = 0.01,
+        bits: int = 8,
+        feedback: FeedbackName = "ef",
+        transport: TransportName = "auto",
+        warmup_steps: int = 0,
+        min_numel: int = 1024,
+        block_size: int = 1024,
+        seed: int = 0,
         diana_alpha: Optional[float] = None,
-        dgc_sample_fraction: Optional[float] = None,
-        momentum: Optional[str] = None,
+        dgc_sample_fraction: float = 0.01,
+        momentum: MomentumMode = "auto",
         save_compression_memory: bool = True,
         log_compression_stats: bool = True,
         accelerator: Any = None,
@@ -258,6 +309,11 @@ class _CompressedDDPMixin(_CompressionCore):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        gradient_as_bucket_view: bool = False,
+        bucket_cap_mb: Optional[float] = None,
+        broadcast_buffers: bool = True,
         **kwargs: Any,
     ) -> None:
         options = dict(
@@ -265,8 +321,16 @@ class _CompressedDDPMixin(_CompressionCore):
             warmup_steps=warmup_steps, min_numel=min_numel, block_size=block_size, seed=seed,
             diana_alpha=diana_alpha, dgc_sample_fraction=dgc_sample_fraction, momentum=momentum,
         )  # fmt: skip
+        # The common DDP options are named (tools read them); the others pass through `kwargs`. Only values off
+        # DDP's defaults are handed on. `ddp_kwargs` is a new dict on purpose: LightningCLI follows a `**kwargs`
+        # handed to the parent into DDPStrategy's signature, and would offer (and pass) `ddp_comm_hook` and
+        # `model_averaging_period`, which this strategy refuses.
+        named = dict(find_unused_parameters=find_unused_parameters, static_graph=static_graph,
+                     gradient_as_bucket_view=gradient_as_bucket_view, bucket_cap_mb=bucket_cap_mb,
+                     broadcast_buffers=broadcast_buffers)  # fmt: skip
+        ddp_kwargs = {**{k: v for k, v in named.items() if v != _DDP_DEFAULTS[k]}, **kwargs}
         # Validate before DDPStrategy stores anything: bad options fail here, before any process starts.
-        self._init_compression(compression, options, save_compression_memory, log_compression_stats, kwargs)
+        self._init_compression(compression, options, save_compression_memory, log_compression_stats, ddp_kwargs)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -276,7 +340,7 @@ class _CompressedDDPMixin(_CompressionCore):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
-            **kwargs,
+            **ddp_kwargs,
         )
         log.debug(f"{type(self).__name__}: {self._compression}")
 
@@ -285,6 +349,8 @@ class _CompressedDDPMixin(_CompressionCore):
         self._add_monitor(trainer)
         super().setup(trainer)
         self._attach_optimizers(self.optimizers)
+        if trainer.state.fn == "fit":
+            self._say_start(self.model, _gravac_theta_min(trainer, self.compression_config))
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -328,6 +394,7 @@ class _CompressedDDPMixin(_CompressionCore):
     @override
     def teardown(self) -> None:
         log.debug(f"{type(self).__name__}: tearing down (compression state kept for inspection)")
+        self._say_end()
         self._loaded_compression = None
         self._hook_active = False
         self._detach_optimizers()
@@ -336,14 +403,40 @@ class _CompressedDDPMixin(_CompressionCore):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        for name, start_method in _NAMES:
+        _register_names(cls, strategy_registry)
+
+
+def _register_names(cls: type, strategy_registry: Any, class_paths: tuple[str, ...] | None = None) -> None:
+    """The short names, and the class paths: LightningCLI hands ``--trainer.strategy=lightning_compress.
+    CompressedDDPStrategy`` without init arguments over as a plain string, which must resolve too."""
+    for name, start_method in _NAMES:
+        strategy_registry.register(
+            name,
+            cls,
+            description=f"lightning_compress: DDP with compressed gradients, start_method '{start_method}'",
+            override=True,  # re-import/reload must not fail
+            start_method=start_method,
+        )
+    for path in _CLASS_PATHS if class_paths is None else class_paths:
+        for key in dict.fromkeys((path, path.lower())):  # Lightning lowercases the string before the look-up
             strategy_registry.register(
-                name,
-                cls,
-                description=f"lightning_compress: DDP with compressed gradients, start_method '{start_method}'",
-                override=True,  # re-import/reload must not fail
-                start_method=start_method,
+                key, cls, description="lightning_compress: DDP with compressed gradients (class path)", override=True
             )
+
+
+_CLASS_PATHS = ("lightning_compress.CompressedDDPStrategy", "lightning_compress.strategy.CompressedDDPStrategy")
+
+
+def _gravac_theta_min(trainer: Any, config: CompressionConfig) -> float | None:
+    """The factor a GraVAC callback among the trainer's starts at; ``None`` without one."""
+    from lightning_compress.callbacks import _GraVACMixin
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, _GraVACMixin):
+            if cb.theta_min is not None:
+                return float(cb.theta_min)
+            return 32.0 / 9.0 if config.compressor == "qsgd" else 10.0
+    return None
 
 
 def _rescale_memory(state: CompressionState, factor: float) -> None:
@@ -354,19 +447,27 @@ def _rescale_memory(state: CompressionState, factor: float) -> None:
 class CompressedDDPStrategy(_CompressedDDPMixin, DDPStrategy):
     """Lightning's DDP strategy with compressed, error-compensated gradient exchange (CPU/gloo and CUDA/NCCL).
 
-    Every :class:`~lightning_compress.CompressionConfig` field is a keyword (``None`` = the config default);
-    ``compression`` gives a base config (object, dict or ``"key=value,..."``) that the keywords override.
-    All other keywords go to :class:`~lightning.pytorch.strategies.DDPStrategy`. Checkpoints hold every rank's
-    compression state under ``checkpoint["lightning_compress"]``, and ``fit(ckpt_path=...)`` gives each rank
-    its own back, so a resumed run continues bit for bit.
+    Every :class:`~lightning_compress.CompressionConfig` field is a keyword with the config's default;
+    ``compression`` gives a base config (object, dict or ``"key=value,..."``) that the keywords set to
+    something other than their default override. All other keywords go to
+    :class:`~lightning.pytorch.strategies.DDPStrategy`. Checkpoints hold every rank's compression state under
+    ``checkpoint["lightning_compress"]``, and ``fit(ckpt_path=...)`` gives each rank its own back, so a
+    resumed run continues bit for bit.
+
+    At the start of ``fit`` rank 0 prints one line with the settings that run and the bytes a step is
+    expected to send against dense DDP, and at the end one summary line (steps, bytes, mean gain, time
+    in the exchange); both go to the ``lightning_compress.report`` logger. On a single process there is
+    nothing to exchange: a warning says so and no saving is announced.
 
     Args:
         compression: base settings; ``None`` for the defaults.
         save_compression_memory: keep residuals/shifts in checkpoints. They cost about
             world_size x model size x (1-2) fp32 tensors on rank 0 and in the file; with ``False`` only step,
             settings and stats are kept and resumed runs start with fresh memory.
-        log_compression_stats: add a :class:`~lightning_compress.callbacks.CompressionMonitor`
+        log_compression_stats: add a :class:`~lightning_compress.CompressionMonitor`
             (ratio, bytes sent, gain per step) unless one is already among the callbacks.
+        compressor, density, bits, feedback, transport, warmup_steps, min_numel, block_size, seed, diana_alpha,
+            dgc_sample_fraction, momentum: the :class:`~lightning_compress.CompressionConfig` fields.
 
     Raises:
         ValueError: a compression option is invalid, or ``ddp_comm_hook``/``ddp_comm_state``/``ddp_comm_wrapper``
