@@ -6,7 +6,6 @@ import atexit
 import json
 import logging
 import os
-import sys
 import warnings
 from typing import Any, Mapping
 
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from accelerate_compress.flag import adaptive_from_env, adaptive_options, config_from_env, resolve
+from lightning_compress import report
 from lightning_compress.adaptive import attach_gravac
 from lightning_compress.config import CompressionConfig
 from lightning_compress.hook import get_compression_state, register_compression
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 _REGISTERED = "_accelerate_compress_checkpointed"  # ids of states an Accelerator already checkpoints
 STATS_ENV_VAR = "ACCELERATE_COMPRESSION_STATS"  # a folder: each rank writes rank<r>.json with its stats at exit
 _ENABLED: list[CompressionState] = []  # for the exit report (CompressionState has __slots__, no weakrefs)
+TOOL = "accelerate-compress"  # the start and end lines read "accelerate-compress: ..."
 
 
 def _find_ddp(model: Any) -> DistributedDataParallel | None:
@@ -119,6 +120,7 @@ def enable(
     model: Any,
     config: CompressionConfig | Mapping[str, Any] | str | None = None,
     adaptive: str | Mapping[str, Any] | None = None,
+    log_layers_every_n_steps: int | None = None,
 ) -> CompressionState | None:
     """Turn on compressed, error-compensated gradient exchange for a model returned by ``accelerator.prepare``.
 
@@ -137,9 +139,18 @@ def enable(
             (:mod:`lightning_compress.gravac`), ``"none"`` for a fixed one; ``None`` takes what ``config`` (or
             the environment) says with ``adaptive=gravac`` and ``gravac_*`` options. The controller's state is
             saved and restored with the compression state.
+        log_layers_every_n_steps: every N-th step, also log each tensor's ratio, bytes sent and gain
+            (``compression/layer/<tensor>/...``); ``None`` (default) for none.
+
+    Rank 0 prints one line with the settings that run and the bytes a step is expected to send against
+    dense DDP, and a summary line at exit. When ``accelerator.init_trackers`` has set up trackers
+    (TensorBoard, CSV, ...), every optimizer step logs ``compression/ratio``, ``compression/bytes_sent``,
+    ``compression/bytes_sent_total``, ``compression/dense_bytes``, ``compression/gain`` (and GraVAC's
+    ``gravac/*``) through ``accelerator.log``. On one process nothing is exchanged: a warning says so.
 
     Returns:
-        The :class:`~lightning_compress.CompressionState`, or ``None`` on a single process (nothing to exchange).
+        The :class:`~lightning_compress.CompressionState`, or ``None`` on a single process (nothing to exchange;
+        a warning says so).
 
     Raises:
         RuntimeError: several processes but ``model`` is not DDP-wrapped, or Accelerate's own ``comm_hook`` is set.
@@ -171,7 +182,7 @@ def enable(
                 f"got {type(model).__name__}. Call enable() after `model = accelerator.prepare(model)` (DDP only: "
                 "FSDP, DeepSpeed and Megatron-LM are not supported)."
             )
-        log.info("accelerate_compress: single process, nothing to exchange; compression (%s) not enabled", resolved)
+        _warn_not_distributed(accelerator, resolved)
         return None
     handler = getattr(accelerator, "ddp_handler", None)
     hook = getattr(handler, "comm_hook", None)
@@ -186,10 +197,76 @@ def enable(
     attach_prepared_optimizer(accelerator, state)
     _register_checkpointing(accelerator, state)
     _follow_loss_scale(getattr(accelerator, "scaler", None), state)
+    _log_through_trackers(accelerator, state, ddp, log_layers_every_n_steps)
+    if state.rank == 0:
+        theta_min = None if state.adaptive is None else state.adaptive.controller.theta_min
+        params = [(n, p.shape, p.element_size()) for n, p in ddp.module.named_parameters() if p.requires_grad]
+        line = report.start_line(TOOL, state.config, params, state.world_size, theta_min, state.transport)
+        report.report_logger.info(line)
     if not _ENABLED:
         atexit.register(_report)
     _ENABLED.append(state)
     return state
+
+
+def _warn_not_distributed(accelerator: Any, config: CompressionConfig) -> None:
+    """One process: nothing is exchanged, so nothing is compressed. Say so, and why when it looks unintended."""
+    started = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    kind = getattr(getattr(accelerator, "distributed_type", None), "value", getattr(accelerator, "distributed_type", "NO"))
+    if started > 1:
+        why = (
+            f"{started} processes were started (WORLD_SIZE={started}) but Accelerate runs each one alone "
+            f"(distributed_type={kind}, num_processes=1): they train independently, and no gradients are exchanged. "
+            "On a machine without GPUs use `accelerate-compress launch --cpu --num_processes N` (or `use_cpu: true` "
+            "in the config file)."
+        )
+    else:
+        why = f"this run has one process (distributed_type={kind}): there is no gradient exchange."
+    warnings.warn(
+        f"accelerate_compress: compression ({report.settings_text(config)}) is NOT enabled: {why} "
+        "Training runs densely, as it would without accelerate_compress.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _log_through_trackers(accelerator: Any, state: CompressionState, ddp: Any, layers_every: int | None) -> None:
+    """After every synchronizing backward, the step's metrics go to ``accelerator.log`` when trackers are set up.
+
+    The hook closes a step inside the backward pass, so ``accelerator.backward`` returning with a new step
+    count is the point to log it (one log per optimizer step, under ``accumulate()`` too).
+    """
+    if layers_every is not None and (isinstance(layers_every, bool) or not isinstance(layers_every, int) or layers_every < 1):
+        raise ValueError(f"`log_layers_every_n_steps` must be an int >= 1 or None; got {layers_every!r}")
+    backward = accelerator.backward
+    if getattr(backward, "_accelerate_compress", None) is not None:
+        backward._accelerate_compress.append((state, ddp, layers_every))
+        return
+    watched = [(state, ddp, layers_every)]
+    logged: dict[int, int] = {}
+
+    def backward_and_log(*args: Any, **kwargs: Any) -> Any:
+        out = backward(*args, **kwargs)
+        if getattr(accelerator, "trackers", None):
+            for st, model, every in watched:
+                if st.stats.steps and logged.get(id(st)) != st.stats.steps:
+                    logged[id(st)] = st.stats.steps
+                    accelerator.log(step_values(st, model, every), step=st.step)
+        return out
+
+    backward_and_log._accelerate_compress = watched  # type: ignore[attr-defined]
+    accelerator.backward = backward_and_log
+
+
+def step_values(state: CompressionState, ddp: Any = None, layers_every: int | None = None) -> dict[str, float]:
+    """The metrics of the last step: ``compression/*`` (and ``gravac/*``, and every ``layers_every`` steps
+    ``compression/layer/<tensor>/*``), the names the Lightning monitor logs."""
+    values = report.step_metrics(state)
+    if state.adaptive is not None:
+        values.update(report.gravac_metrics(state.adaptive))
+    if ddp is not None and layers_every is not None and state.stats.steps % layers_every == 0:
+        values.update(report.layer_metrics(report.layer_rows(state, ddp.module.named_parameters())))
+    return values
 
 
 def attach_prepared_optimizer(accelerator: Any, state: CompressionState) -> None:
@@ -253,14 +330,10 @@ def _report() -> None:
             with open(os.path.join(folder, f"rank{state.rank}{suffix}.json"), "w", encoding="utf-8") as handle:
                 json.dump(record, handle)
         if state.rank == 0 and s.steps:
-            print(
-                f"accelerate-compress: {state.config.compressor}/{state.config.feedback} on {state.world_size} ranks, "
-                f"{s.steps} synchronized steps, {s.ratio_total:.1f}x fewer bytes sent than dense DDP "
-                f"({s.sent_bytes_total / s.steps:.0f} B per step per rank)"
-                + (f"; GraVAC: {state.adaptive.controller!r}" if state.adaptive is not None else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+            line = report.end_line(TOOL, state)
+            if state.adaptive is not None:
+                line += f"; GraVAC: {state.adaptive.controller!r}"
+            report.report_logger.info(line)
 
 
 def _register_checkpointing(accelerator: Any, state: CompressionState) -> None:

@@ -2,9 +2,13 @@
 
 Reads an optional ``compression:`` section from ``--config_file`` (Accelerate rejects unknown keys, so the
 section is stripped and the rest handed to ``accelerate launch`` unchanged), applies ``ACCELERATE_COMPRESSION``
-and the ``--compressor/--density/--bits/--feedback/--transport/--adaptive`` options on top (options win over the
-file, the file over the environment), validates the result before any worker starts, and runs the script through
-:mod:`accelerate_compress._bootstrap`, which enables compression inside ``Accelerator.prepare_model``.
+and the options on top -- one per :class:`~lightning_compress.CompressionConfig` field (``--compressor``,
+``--density``, ``--bits``, ``--feedback``, ``--transport``, ``--warmup_steps``, ``--min_numel``, ``--block_size``,
+``--seed``, ``--diana_alpha``, ``--dgc_sample_fraction``, ``--momentum``) plus ``--adaptive`` and ``--gravac``
+(options win over the file, the file over the environment) -- validates the result before any worker starts, and
+runs the script through :mod:`accelerate_compress._bootstrap`, which enables compression inside
+``Accelerator.prepare_model``. The launcher says what was requested; rank 0 of the workers says what runs (or a
+warning says that nothing is exchanged, e.g. when the processes do not form a process group).
 
 Compression is on when any of these is given, even empty: ``ACCELERATE_COMPRESSION`` (an empty YAML file means
 the defaults, as it does for ``accelerate_compress.enable()``), a ``compression:`` section, ``--compression`` or
@@ -15,6 +19,7 @@ starts, so an unknown key or malformed YAML is reported in one line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 import subprocess
@@ -32,20 +37,35 @@ from accelerate_compress.flag import (
     resolve,
     to_inline,
 )
+from lightning_compress.config import CompressionConfig
 
 __all__ = ["main", "plan"]
 
 PROG = "accelerate-compress"
-# option -> (type, help); each sets the CompressionConfig field of the same name.
+# option -> (type, help): every CompressionConfig field (each sets the field of the same name), then GraVAC's.
+_FIELD_HELP: dict[str, str] = {
+    "compressor": "payload format: none, fp16, bf16, topk, dgc, randk, qsgd, terngrad, natural or sign",
+    "density": "fraction of entries kept by topk/dgc/randk, in (0, 1]; lower compresses more",
+    "bits": "magnitude bits of qsgd (1, 2, 4 or 8); lower compresses more",
+    "feedback": "error compensation: none, ef, ef21, diana or doublesqueeze",
+    "transport": "auto, allreduce, allgather or two_pass",
+    "warmup_steps": "optimizer steps exchanged densely before compression starts (>= 0)",
+    "min_numel": "tensors with fewer elements (and all 1-D tensors) are exchanged densely",
+    "block_size": "elements per scale of sign/qsgd/terngrad; larger compresses more",
+    "seed": "base seed of every random choice (rand-k indices, stochastic rounding)",
+    "diana_alpha": "DIANA shift step size in (0, 1], or 'none' for 1 / (omega + 1)",
+    "dgc_sample_fraction": "fraction of entries dgc (and topk) sample to find the threshold, in (0, 1]",
+    "momentum": "where the optimizer's momentum lives: auto, lookahead, heavy_ball or optimizer",
+}
+_FIELD_TYPES: dict[str, type] = {
+    f.name: float if f.name == "diana_alpha" else type(f.default) for f in dataclasses.fields(CompressionConfig)
+}
 _OPTIONS: dict[str, tuple[type, str]] = {
-    "compressor": (str, "payload format, e.g. sign, topk, qsgd (overrides the file)"),
-    "density": (float, "fraction of entries kept by topk/dgc/randk, in (0, 1]"),
-    "bits": (int, "magnitude bits of qsgd (1, 2, 4 or 8)"),
-    "feedback": (str, "error compensation: none, ef, ef21, diana, doublesqueeze"),
-    "transport": (str, "auto, allreduce, allgather or two_pass"),
+    **{name: (_FIELD_TYPES[name], f"{text} (default {getattr(CompressionConfig, name)!s})")
+       for name, text in _FIELD_HELP.items()},
     "adaptive": (str, f"adaptive compression factor, one of {ADAPTIVE}"),
     "gravac": (str, "GraVAC parameters 'theta_min=10,window=500,...' (with --adaptive gravac)"),
-}
+}  # fmt: skip
 
 
 class LaunchError(ValueError):
@@ -62,7 +82,7 @@ def _accelerate_parser() -> argparse.ArgumentParser:
     parser = launch_command_parser()
     parser.prog = f"{PROG} launch"
     group = parser.add_argument_group("compression (accelerate-compress)")
-    for name, (kind, text) in _OPTIONS.items():
+    for name, (_kind, text) in _OPTIONS.items():
         # Strings here: values are validated by CompressionConfig, whose message names the option.
         group.add_argument(f"--{name}", default=None, help=text)
     group.add_argument("--compression", default=None, help=f"inline 'k=v,...' or a YAML path, as {ENV_VAR}")
@@ -206,11 +226,14 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
         gravac = parse_setting(",".join(f"gravac_{item.strip()}" for item in flags.pop("gravac").split(",") if item.strip()))
         flags.update(gravac)
     for name, value in flags.items():
-        if name.startswith("gravac_"):
+        if name.startswith("gravac_") or name == "adaptive":
             continue
         kind = _OPTIONS[name][0]
+        if name == "diana_alpha" and value.strip().lower() == "none":
+            flags[name] = None
+            continue
         try:
-            flags[name] = kind(value) if name != "adaptive" else value
+            flags[name] = kind(value)
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise LaunchError(f"--{name} must be {what}; got {value!r}") from None
@@ -229,6 +252,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
             )
 
     head = _strip_own_options(head)
+    warnings_out: list[str] = []
     env: dict[str, str] = {}
     cpu_flag = "--cpu" in head
     num_processes = args.num_processes
@@ -236,6 +260,10 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
     if num_processes is None and stripped:
         num_processes = stripped.get("num_processes")
     single_node = not (args.num_machines and int(args.num_machines) > 1) and not args.mpirun_hostfile
+    if config is not None:
+        env_note = _no_process_group_note(head, stripped, use_cpu, num_processes)
+        if env_note:
+            warnings_out.append(env_note)
     if use_cpu and num_processes and int(num_processes) > 1 and single_node:
         # `accelerate launch --cpu` starts several CPU processes only through mpirun; without a hostfile it starts
         # one. torchrun (the --multi_gpu path) with ACCELERATE_USE_CPU starts them all on gloo instead.
@@ -257,7 +285,29 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
         "config": config,
         "adaptive": adaptive,
         "stripped_config": stripped,
+        "warnings": warnings_out,
     }
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _no_process_group_note(head: list[str], stripped: dict[str, Any] | None, use_cpu: bool, num_processes: Any) -> str:
+    """Why the processes this launch starts would not form a process group (nothing compressed), or ``""``."""
+    kind = str((stripped or {}).get("distributed_type", "")).upper()
+    wants_gpus = "--multi_gpu" in head or kind == "MULTI_GPU"
+    several = (num_processes is not None and int(num_processes) > 1) or wants_gpus
+    if use_cpu or not several or _gpu_count() > 0:
+        return ""
+    what = f"distributed_type {kind}" if kind else ("--multi_gpu" if "--multi_gpu" in head else "several processes")
+    return (
+        f"{what} is asked for, but this machine has no GPU: without --cpu Accelerate does not form a process group "
+        "on CPU, so each process would train alone and gradients would not be compressed. Add --cpu (or "
+        "`use_cpu: true` in the config file) to train on CPU processes over gloo."
+    )
 
 
 def _launch(argv: list[str]) -> int:
@@ -283,8 +333,11 @@ def _launch(argv: list[str]) -> int:
                 yaml.safe_dump(p["stripped_config"], handle)
             head = _replace_option(head, ("--config_file", "--config-file"), path)
         if p["config"] is not None:
-            print(f"{PROG}: compression {p['config'].compressor}/{p['config'].feedback} ({p['env'][ENV_VAR]})",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            # Requested, not running yet: rank 0 of the workers says what runs, or a warning says nothing does.
+            print(f"{PROG}: compression {p['config'].compressor}/{p['config'].feedback} requested "
+                  f"({p['env'][ENV_VAR]})", file=sys.stderr, flush=True)  # fmt: skip
+        for note in p["warnings"]:
+            print(f"{PROG}: warning: {note}", file=sys.stderr, flush=True)
         return _accelerate_launch([*head, *p["tail"]], p["env"])
 
 
