@@ -37,8 +37,7 @@ __all__ = ["CompressionMonitor", "GraVAC"]
 
 def _ddp_module(strategy: Any) -> Any:
     """The module DDP wraps (its parameter names are the compression state's)."""
-    model = getattr(strategy, "model", None)
-    return getattr(model, "module", model)
+    return strategy.compressed_module
 
 
 class _CompressionMonitorMixin:

@@ -142,6 +142,7 @@ class _CompressionCore:
         self._save_compression_memory = save_compression_memory
         self._log_compression_stats = log_compression_stats
         self._compression_state: CompressionState | None = None
+        self._compressed_module: Any = None
         self._hook_active = False
         self._loaded_compression: dict[str, Any] | None = None
         self._started_at_step: int | None = None  # stats.steps when the start line was printed
@@ -153,6 +154,11 @@ class _CompressionCore:
         state's (a controller's ``density``/``bits`` restored from a checkpoint included)."""
         state = self._compression_state
         return state.config if state is not None else self._compression
+
+    @property
+    def compressed_module(self) -> Any:
+        """The module DDP wraps (the state's parameter names are its names) once registered; else ``None``."""
+        return self._compressed_module
 
     @property
     def compression_state(self) -> CompressionState | None:
@@ -175,6 +181,7 @@ class _CompressionCore:
         self._compression_state = register_compression(
             model, self._compression, process_group=self._ddp_kwargs.get("process_group")
         )
+        self._compressed_module = model.module
         self._hook_active = True
         self._apply_loaded_compression()
         state = self._compression_state

@@ -124,7 +124,7 @@ def test_fabric_prints_lines_and_logs_through_log_dict(tmp_path, report_lines):
     os.environ["MASTER_PORT"] = str(free_port())
     fabric = Fabric(
         strategy=FabricStrategy(start_method="fork", compressor="topk", density=0.25, **SMALL), accelerator="cpu",
-        devices=2, loggers=FabricCSVLogger(str(tmp_path), name="csv"), callbacks=[CompressionMonitor()],
+        devices=2, loggers=FabricCSVLogger(str(tmp_path), name="csv"), callbacks=[CompressionMonitor(layer_every_n_steps=3)],
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -135,6 +135,9 @@ def test_fabric_prints_lines_and_logs_through_log_dict(tmp_path, report_lines):
     for key in ("compression/bytes_sent", "compression/bytes_sent_total", "compression/dense_bytes", "compression/gain"):
         assert all(r[key] != "" for r in logged), key
     assert all(float(r["compression/ratio"]) > 1.5 for r in logged)
+    layered = [r for r in logged if r.get("compression/layer/l1.weight/gain")]  # every 3rd step, in the same row
+    assert [int(r["step"]) for r in layered] == [3, 6]
+    assert all(float(r["compression/layer/l1.bias/ratio"]) == 1.0 for r in layered)
     lines = report_lines()
     settings = re.escape("topk(density=0.25)/ef via allgather (min_numel=16, momentum=auto)")
     assert sum(bool(re.match(START.format(tool="lightning-compress", settings=settings), x)) for x in lines) == 1
