@@ -28,6 +28,8 @@ _REGISTERED = "_accelerate_compress_checkpointed"  # ids of states an Accelerato
 STATS_ENV_VAR = "ACCELERATE_COMPRESSION_STATS"  # a folder: each rank writes rank<r>.json with its stats at exit
 _ENABLED: list[CompressionState] = []  # for the exit report (CompressionState has __slots__, no weakrefs)
 TOOL = "accelerate-compress"  # the start and end lines read "accelerate-compress: ..."
+_TABLES: dict[int, Any] = {}  # id(state) -> its DDP model, for the per-tensor table at exit
+_LAST_ROWS: dict[int, list] = {}  # id(state) -> the per-tensor view of the last step that logged it
 
 
 def _find_ddp(model: Any) -> DistributedDataParallel | None:
@@ -121,6 +123,7 @@ def enable(
     config: CompressionConfig | Mapping[str, Any] | str | None = None,
     adaptive: str | Mapping[str, Any] | None = None,
     log_layers_every_n_steps: int | None = None,
+    layer_table: bool = False,
 ) -> CompressionState | None:
     """Turn on compressed, error-compensated gradient exchange for a model returned by ``accelerator.prepare``.
 
@@ -141,6 +144,8 @@ def enable(
             saved and restored with the compression state.
         log_layers_every_n_steps: every N-th step, also log each tensor's ratio, bytes sent and gain
             (``compression/layer/<tensor>/...``); ``None`` (default) for none.
+        layer_table: print the per-tensor table at exit (rank 0): gains from the gradients still there, else
+            from the last step that logged per-tensor metrics.
 
     Rank 0 prints one line with the settings that run and the bytes a step is expected to send against
     dense DDP, and a summary line at exit. When ``accelerator.init_trackers`` has set up trackers
@@ -172,6 +177,10 @@ def enable(
                 stacklevel=2,
             )
         _register_checkpointing(accelerator, existing)
+        if log_layers_every_n_steps is not None or layer_table:  # asked for now: the per-tensor view is added
+            _log_through_trackers(accelerator, existing, ddp, log_layers_every_n_steps)
+            if layer_table:
+                _TABLES[id(existing)] = ddp
         return existing
     resolved = _as_config(config) or CompressionConfig()
     gravac = _adaptive(config, adaptive)
@@ -198,6 +207,8 @@ def enable(
     _register_checkpointing(accelerator, state)
     _follow_loss_scale(getattr(accelerator, "scaler", None), state)
     _log_through_trackers(accelerator, state, ddp, log_layers_every_n_steps)
+    if layer_table:
+        _TABLES[id(state)] = ddp
     if state.rank == 0:
         theta_min = None if state.adaptive is None else state.adaptive.controller.theta_min
         params = [(n, p.shape, p.element_size()) for n, p in ddp.module.named_parameters() if p.requires_grad]
@@ -240,15 +251,17 @@ def _log_through_trackers(accelerator: Any, state: CompressionState, ddp: Any, l
         raise ValueError(f"`log_layers_every_n_steps` must be an int >= 1 or None; got {layers_every!r}")
     backward = accelerator.backward
     if getattr(backward, "_accelerate_compress", None) is not None:
-        backward._accelerate_compress.append((state, ddp, layers_every))
+        watched = backward._accelerate_compress
+        every = watched[id(state)][2] if layers_every is None and id(state) in watched else layers_every
+        watched[id(state)] = (state, ddp, every)
         return
-    watched = [(state, ddp, layers_every)]
+    watched = {id(state): (state, ddp, layers_every)}
     logged: dict[int, int] = {}
 
     def backward_and_log(*args: Any, **kwargs: Any) -> Any:
         out = backward(*args, **kwargs)
         if getattr(accelerator, "trackers", None):
-            for st, model, every in watched:
+            for st, model, every in watched.values():
                 if st.stats.steps and logged.get(id(st)) != st.stats.steps:
                     logged[id(st)] = st.stats.steps
                     accelerator.log(step_values(st, model, every), step=st.step)
@@ -265,7 +278,8 @@ def step_values(state: CompressionState, ddp: Any = None, layers_every: int | No
     if state.adaptive is not None:
         values.update(report.gravac_metrics(state.adaptive))
     if ddp is not None and layers_every is not None and state.stats.steps % layers_every == 0:
-        values.update(report.layer_metrics(report.layer_rows(state, ddp.module.named_parameters())))
+        rows = _LAST_ROWS[id(state)] = report.layer_rows(state, ddp.module.named_parameters())
+        values.update(report.layer_metrics(rows))
     return values
 
 
@@ -334,6 +348,11 @@ def _report() -> None:
             if state.adaptive is not None:
                 line += f"; GraVAC: {state.adaptive.controller!r}"
             report.report_logger.info(line)
+            if id(state) in _TABLES:
+                rows = report.layer_rows(state, _TABLES[id(state)].module.named_parameters())
+                if all(r.gain is None for r in rows) and id(state) in _LAST_ROWS:  # gradients already cleared
+                    rows = _LAST_ROWS[id(state)]
+                report.report_logger.info(report.layer_table(rows, TOOL))
 
 
 def _register_checkpointing(accelerator: Any, state: CompressionState) -> None:

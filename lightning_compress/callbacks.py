@@ -16,7 +16,9 @@ sends the same metrics through ``fabric.log_dict``. All values are this rank's (
 
 With ``layer_every_n_steps=N``, every N-th step also logs ``compression/layer/<tensor>/ratio``,
 ``.../bytes_sent`` and ``.../gain`` per tensor (see :func:`lightning_compress.report.layer_rows`), and
-``layer_table=True`` prints the per-tensor table at the end of ``fit`` (rank 0).
+``layer_table=True`` prints the per-tensor table at the end of ``fit`` (rank 0; under Fabric, which has no
+end of training, when the process ends: gains from the gradients still there, else from the last step that
+logged per-tensor metrics).
 
 :class:`~lightning_compress.strategy.CompressedDDPStrategy` adds a monitor by itself; pass one
 explicitly to change its options.
@@ -24,6 +26,7 @@ explicitly to change its options.
 
 from __future__ import annotations
 
+import multiprocessing.util
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -64,6 +67,8 @@ class _CompressionMonitorMixin:
         self._ratio_mean = MeanMetric(sync_on_compute=False)
         self._logged_step = -1  # stats.steps at the last log: one log per optimizer step
         self._fabric: Any = None
+        self._last_rows: list[report.LayerRow] | None = None  # the per-tensor view of the last step that took it
+        self._table_at_exit = False
 
     def _new_step(self, state: Any) -> bool:
         if state is None or state.stats.steps == 0 or state.stats.steps == self._logged_step:
@@ -75,7 +80,14 @@ class _CompressionMonitorMixin:
         every = self.layer_every_n_steps
         if every is None or state.stats.steps % every:
             return {}
-        return report.layer_metrics(report.layer_rows(state, _ddp_module(strategy).named_parameters()), self.prefix)
+        self._last_rows = report.layer_rows(state, _ddp_module(strategy).named_parameters())
+        return report.layer_metrics(self._last_rows, self.prefix)
+
+    def _print_table(self, state: Any, strategy: Any) -> None:
+        rows = report.layer_rows(state, _ddp_module(strategy).named_parameters())
+        if self._last_rows is not None and all(r.gain is None for r in rows):  # gradients already cleared
+            rows = self._last_rows
+        report.report_logger.info(report.layer_table(rows))
 
     # ----- Trainer -----------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -101,8 +113,7 @@ class _CompressionMonitorMixin:
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         state = getattr(trainer.strategy, "compression_state", None)
         if self.layer_table and state is not None and state.stats.steps and trainer.global_rank == 0:
-            rows = report.layer_rows(state, _ddp_module(trainer.strategy).named_parameters())
-            report.report_logger.info(report.layer_table(rows))
+            self._print_table(state, trainer.strategy)
 
     # ----- Fabric (its callbacks are plain objects with these methods) ---------------------------
     def on_after_setup(self, fabric: Any, module: Any) -> None:
@@ -113,6 +124,9 @@ class _CompressionMonitorMixin:
         fabric = self._fabric
         if fabric is None or not fabric.loggers or not self._new_step(state):
             return
+        if self.layer_table and not self._table_at_exit and fabric.global_rank == 0:
+            self._table_at_exit = True
+            multiprocessing.util.Finalize(None, self._print_table, args=(state, strategy), exitpriority=10)
         metrics = {**report.step_metrics(state, self.prefix), **self._layer_metrics(state, strategy)}
         adaptive = getattr(state, "adaptive", None)
         if adaptive is not None:
@@ -133,7 +147,7 @@ class CompressionMonitor(_CompressionMonitorMixin, pl.Callback):
         prog_bar: show the ratio in the progress bar (Trainer).
         layer_every_n_steps: every N-th step, log each tensor's ratio, bytes sent and gain
             (``<prefix>layer/<tensor>/...``); ``None`` (default) for none.
-        layer_table: print the per-tensor table at the end of ``fit`` (rank 0, Trainer).
+        layer_table: print the per-tensor table at the end of ``fit`` (rank 0; Fabric: when the process ends).
 
     Raises:
         TypeError: ``prefix`` is not a string.

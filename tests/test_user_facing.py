@@ -124,7 +124,8 @@ def test_fabric_prints_lines_and_logs_through_log_dict(tmp_path, report_lines):
     os.environ["MASTER_PORT"] = str(free_port())
     fabric = Fabric(
         strategy=FabricStrategy(start_method="fork", compressor="topk", density=0.25, **SMALL), accelerator="cpu",
-        devices=2, loggers=FabricCSVLogger(str(tmp_path), name="csv"), callbacks=[CompressionMonitor(layer_every_n_steps=3)],
+        devices=2, loggers=FabricCSVLogger(str(tmp_path), name="csv"),
+        callbacks=[CompressionMonitor(layer_every_n_steps=3, layer_table=True)],
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -143,6 +144,8 @@ def test_fabric_prints_lines_and_logs_through_log_dict(tmp_path, report_lines):
     assert sum(bool(re.match(START.format(tool="lightning-compress", settings=settings), x)) for x in lines) == 1
     ends = [m for m in (re.match(END.format(tool="lightning-compress", settings=settings), x) for x in lines) if m]
     assert len(ends) == 1 and ends[0].group(1) == "6", lines  # at the ranks' exit: Fabric has no end of training
+    table = "\n".join(lines)  # printed at rank 0's exit too, with the gains of the last measured step
+    assert table.count("per-tensor view") == 1 and re.search(r"^l1\.weight\s+32x16\s+compressed .* 0\.\d{3}$", table, re.M)
 
 
 def test_state_repr_says_what_it_holds():
@@ -418,6 +421,8 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 model, opt, loader = accelerator.prepare(model, opt, DataLoader(TensorDataset(x, y), batch_size=32))
+import accelerate_compress  # the launcher enabled compression; this adds the per-tensor view
+accelerate_compress.enable(accelerator, model, log_layers_every_n_steps=2, layer_table=True)
 accelerator.init_trackers("run")
 for xb, yb in loader:
     loss = nn.functional.cross_entropy(model(xb), yb)
@@ -450,6 +455,11 @@ def test_accelerate_lines_and_metrics_through_accelerator_log(tmp_path):
     for r in logged:
         assert r["compression/ratio"] > 2.0 and 0.0 < r["compression/gain"] <= 1.0
         assert r["compression/bytes_sent"] < r["compression/dense_bytes"]
+    assert [r["step"] for r in logged if "compression/layer/0.weight/gain" in r] == [2, 4]
+    assert all(r["compression/layer/0.bias/ratio"] == 1.0 for r in logged if "compression/layer/0.bias/ratio" in r)
+    assert "accelerate-compress: per-tensor view" in proc.stderr
+    assert re.search(r"^0\.weight\s+256x64\s+compressed .* 0\.\d{3}$", proc.stderr, re.M), proc.stderr[-3000:]
+    assert re.search(r"^0\.bias\s+256\s+dense \(1-D\)", proc.stderr, re.M)
 
 
 # ----- the plot command ---------------------------------------------------------------------------
