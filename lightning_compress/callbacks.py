@@ -205,6 +205,7 @@ class _GraVACMixin:
 
     def __init__(
         self,
+        *,
         theta_min: Optional[float] = None,
         theta_max: Optional[float] = None,
         epsilon: float = 0.7,
