@@ -8,6 +8,7 @@ for Accelerate); report lines are caught by a file handler the forked ranks inhe
 from __future__ import annotations
 
 import csv
+import importlib.util
 import inspect
 import json
 import logging
@@ -386,6 +387,14 @@ def test_lightning_per_tensor_metrics_every_n_steps_and_table(tmp_path, report_l
         assert 0.0 < float(r["compression/layer/l1.weight/gain"]) <= 1.0
         assert float(r["compression/layer/l1.weight/ratio"]) > 1.0
         assert float(r["compression/layer/l1.bias/ratio"]) == 1.0  # sent densely
+    from lightning_compress import plot  # the plot command reads this run's own metrics.csv
+
+    series = plot.read_logs(tmp_path / "csv")
+    assert [step for step, _ in series["compression/ratio"]] == [0, 1, 2, 3]
+    assert [step for step, _ in series["compression/layer/l1.weight/gain"]] == [1, 3]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.main([str(tmp_path / "csv"), "-o", str(tmp_path / "run.png")]) == 0
+        assert (tmp_path / "run.png").stat().st_size > 1000
     table = "\n".join(report_lines())
     assert "per-tensor view" in table
     assert re.search(r"^l1\.weight\s+32x16\s+compressed", table, re.M) and re.search(r"^l1\.bias\s+32\s+dense \(1-D\)", table, re.M)
