@@ -74,7 +74,9 @@ class AdaptiveRun:
                 f"use feedback='ef', not {cfg.feedback!r}"
             )
         if state.transport == "two_pass":
-            raise ValueError("GraVAC sends through allgather or allreduce, not two_pass")
+            if cfg.transport != "auto":
+                raise ValueError("GraVAC sends through allgather or allreduce, not two_pass")
+            state.transport = cfg.transport_for(state.world_size, adaptive=True)  # auto: two_pass was its own choice
         self.controller = controller
         self.samples_per_step = float(state.world_size)  # world x batch; integrations set the batch
         self._base = cfg

@@ -16,6 +16,7 @@ __all__ = ["CompressionConfig", "FEEDBACKS", "MOMENTUM_MODES", "TRANSPORTS"]
 FEEDBACKS = ("none", "ef", "ef21", "diana", "doublesqueeze")
 TRANSPORTS = ("auto", "allreduce", "allgather", "two_pass")
 MOMENTUM_MODES = ("auto", "lookahead", "heavy_ball", "optimizer")
+TWO_PASS_FROM = 4  # ranks from which transport='auto' sends non-summable payloads in two compressed passes
 
 
 def _choices(name: str, value: Any, allowed: tuple) -> None:
@@ -32,7 +33,10 @@ class CompressionConfig:
         density: fraction of entries kept by ``topk``/``dgc``/``randk``, in (0, 1]; lower compresses more.
         bits: magnitude bits of ``qsgd`` (1, 2, 4 or 8; a sign bit is added); lower compresses more.
         feedback: error compensation, one of ``none ef ef21 diana doublesqueeze``.
-        transport: ``auto`` (the cheapest correct one), ``allreduce``, ``allgather`` or ``two_pass``.
+        transport: ``auto`` (the cheapest correct one for the number of ranks, see
+            :meth:`transport_for`), ``allreduce``, ``allgather`` or ``two_pass``. Over ``two_pass``,
+            ``ef`` and ``doublesqueeze`` compress both passes (the second with a server error per
+            shard: DoubleSqueeze's algorithm); other feedback sends the shard sums in fp32.
         warmup_steps: optimizer steps exchanged densely before compression starts (>= 0).
         min_numel: tensors with fewer elements, and all 1-D tensors, are exchanged densely.
         block_size: elements per scale of ``sign``/``qsgd``/``terngrad``; larger compresses more.
@@ -139,12 +143,45 @@ class CompressionConfig:
     # ----- derived ---------------------------------------------------------------------------
     @property
     def transport_resolved(self) -> str:
-        """The transport ``auto`` stands for: two-pass for DoubleSqueeze, allreduce when payloads add up."""
+        """The transport ``auto`` stands for on 2 ranks (see :meth:`transport_for` for more)."""
+        return self.transport_for(2)
+
+    def transport_for(self, world_size: int, adaptive: bool = False) -> str:
+        """The transport this config uses on ``world_size`` ranks (``adaptive``: GraVAC is attached).
+
+        ``auto`` picks, from the payload and the number of ranks ``n``:
+
+        * ``doublesqueeze``: ``two_pass``;
+        * payloads that add up (``none fp16 bf16``, shared-seed ``randk``): ``allreduce``, whose
+          ring sends ``2(n-1)/n`` of the payload per rank, so bytes per rank stay flat in ``n``;
+        * other payloads with ``ef``, from :data:`TWO_PASS_FROM` = 4 ranks on and without GraVAC:
+          ``two_pass``, both passes compressed, which sends about ``2(n-1)/n`` payloads per rank;
+          ``allgather`` sends ``n-1``, at least twice as much from 4 ranks on, while on 2 and 3
+          ranks it sends at most 1.5x as much with one collective instead of two and keeps
+          ``ef``'s single compression;
+        * otherwise ``allgather``, whose bytes per rank grow with ``n``: ``ef21`` (which needs a
+          contractive compressor, none of which adds up) and ``diana`` with payloads that do not
+          add up (every rank must see the exact sum of the compressed messages; ``diana`` with
+          ``randk`` travels by allreduce and stays flat), ``none`` (an fp32 second pass would cost
+          about half a dense allreduce), and GraVAC (it sends at a CF of its own).
+
+        The payload size does not move the choice: both transports' bytes are proportional to it.
+
+        Example::
+
+            >>> cfg = CompressionConfig(compressor="topk")
+            >>> cfg.transport_for(2), cfg.transport_for(8), cfg.transport_for(8, adaptive=True)
+            ('allgather', 'two_pass', 'allgather')
+        """
         if self.transport != "auto":
             return self.transport
         if self.feedback == "doublesqueeze":
             return "two_pass"
-        return "allreduce" if COMPRESSORS[self.compressor].summable else "allgather"
+        if COMPRESSORS[self.compressor].summable:
+            return "allreduce"
+        if self.feedback == "ef" and world_size >= TWO_PASS_FROM and not adaptive:
+            return "two_pass"
+        return "allgather"
 
     def make_compressor(self) -> Compressor:
         """A compressor instance with this config's settings."""

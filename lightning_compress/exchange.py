@@ -98,7 +98,7 @@ class DenseFlight(Flight):
     ``grad / world``, and their velocities are committed when the average arrives.
     """
 
-    def __init__(self, state: CompressionState, buffer, params, grads, prepared: dict, start_memory=()):
+    def __init__(self, state: CompressionState, buffer, params, grads, prepared: dict, start_memory=(), ordered=False):
         super().__init__(buffer)
         # Divide first, as DDP's default hook does, so low-precision buckets do not overflow.
         buffer.div_(state.world_size)
@@ -116,7 +116,9 @@ class DenseFlight(Flight):
                     state.memory[state.param_names[id(params[i])]] = state.feedback.initial_memory(share, average)
             return buffer
 
-        self.result = state.collectives.allreduce_async(buffer).then(arrived)
+        # ordered: a bucket of tensors that stay dense after warm-up, summed alike whatever DDP's packing
+        comm = state.collectives
+        self.result = (comm.sum_ordered_async(buffer) if ordered else comm.allreduce_async(buffer)).then(arrived)
         self.done = self.result
 
 
@@ -184,7 +186,11 @@ class CompressedFlight(Flight):
         if rest:
             self.rest_flat = dense_inputs(grads, rest, prepared, world)
             finite = finite & torch.isfinite(self.rest_flat).all()
-            futures.append(state.collectives.allreduce_async(self.rest_flat))
+            # Summed in rank order where the payloads are too, so that a resumed run adds them alike; beside an
+            # allreduce of the payloads (whose sum already follows the buffer's layout) an allreduce as well.
+            comm = state.collectives
+            ordered = state.transport != "allreduce"
+            futures.append(comm.sum_ordered_async(self.rest_flat) if ordered else comm.allreduce_async(self.rest_flat))
         self.transport.set_flag(wire, finite)
         futures.append(self.transport.launch(wire))
         first = torch.futures.collect_all(futures)
@@ -282,7 +288,7 @@ def _make_transport(state: CompressionState, batch: Batch, names: list[str]) -> 
     if kind != "two_pass":
         return TRANSPORTS[kind](state.collectives, batch)
     server = server_out = None
-    if state.config.feedback == "doublesqueeze":
+    if state.config.feedback in ("ef", "doublesqueeze"):  # both passes compressed, with a server error per shard
         server, server_out = [], []
         for name, numel in zip(names, batch.numels):
             lo, hi = shard_bounds(numel, state.world_size, state.rank)

@@ -76,8 +76,10 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         chosen = [i for i, p in enumerate(params) if _compressible(state, p)]
         state.record_bucket(buffer.numel() * buffer.element_size())
         prepared = _prepare_momentum(state, params, grads)
-        if state.step < state.config.warmup_steps or not chosen:
+        if state.step < state.config.warmup_steps:
             flight = DenseFlight(state, buffer, params, grads, prepared)
+        elif not chosen:  # small tensors only: summed in rank order, so a resumed run adds them alike
+            flight = DenseFlight(state, buffer, params, grads, prepared, ordered=True)
         elif state.adaptive is None and _memory_starts_here(state, params, chosen):
             # EF21/DIANA start from the gradient: one dense exchange sets every rank's memory.
             flight = DenseFlight(state, buffer, params, grads, prepared, start_memory=chosen)

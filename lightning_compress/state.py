@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from lightning_compress.config import CompressionConfig
+from lightning_compress.config import TWO_PASS_FROM, CompressionConfig
 from lightning_compress.exchange import StepPipeline
 from lightning_compress.feedback import make_feedback
 from lightning_compress.transport import Collectives, shard_bounds
@@ -185,11 +185,20 @@ class CompressionState:
         if self.rank == 0:
             # The integrations print the settings once, in their start line (lightning_compress.report).
             log.debug("lightning_compress: %s on %d ranks via %s", config, self.world_size, self.transport)
-            if config.feedback == "doublesqueeze":
+            if self.transport == "two_pass" and config.feedback in ("ef", "doublesqueeze"):
                 log.info(
                     "lightning_compress: DoubleSqueeze compresses twice (worker and aggregate): where it trails dense "
                     "accuracy, lower the learning rate (on digits with SGD + momentum, 0.6x closed most of the gap; "
                     "see the README's convergence results)"
+                )
+            if self.transport == "allgather" and self.world_size >= TWO_PASS_FROM:
+                warnings.warn(
+                    f"lightning_compress: {config.compressor}/{config.feedback} travels by all_gather, so each of the "
+                    f"{self.world_size} ranks sends {self.world_size - 1} payloads per step and the bytes per rank grow "
+                    "with the number of ranks; feedback='ef' (two compressed passes) or a compressor whose payloads add "
+                    "up (randk with diana, fp16) keep them flat",
+                    UserWarning,
+                    stacklevel=2,
                 )
 
     def __repr__(self) -> str:
@@ -217,7 +226,7 @@ class CompressionState:
         self.config = config
         self.compressor = config.make_compressor()
         self.feedback = make_feedback(config.feedback, self.compressor, diana_alpha=config.diana_alpha)
-        self.transport = config.transport_resolved
+        self.transport = config.transport_for(self.world_size, adaptive=self.adaptive is not None)
 
     def request_update(self, **changes: Any) -> None:
         """Change ``density`` and/or ``bits`` from the next step on (validated now)."""

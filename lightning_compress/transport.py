@@ -100,6 +100,28 @@ class Collectives:
         work = dist.all_to_all_single(recv.view(-1), send.view(-1), group=self.group, async_op=True)
         return recv, work.get_future()
 
+    def sum_ordered_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """Sum ``tensor`` over ranks in place, adding the ranks' values in rank order.
+
+        The bits of each element's sum then depend on the ranks' values only, not on where the
+        element lies in ``tensor``: an allreduce of 3 or more ranks adds in an order that follows
+        the element's position in the buffer, and DDP packs its buckets differently in a run's
+        first step than after it rebuilds them, so a resumed run would differ in the last bits.
+        On 2 ranks an allreduce is already exact (``a + b == b + a``); from 3 on this is an
+        all_gather and ``n - 1`` additions, meant for the small tensors that stay dense.
+        """
+        if self.world_size <= 2:
+            return self.allreduce_async(tensor)
+        gathered, fut = self.all_gather_async(tensor)
+
+        def added(_):
+            torch.add(gathered[0], gathered[1], out=tensor)
+            for row in gathered[2:]:
+                tensor.add_(row)
+            return tensor
+
+        return fut.then(added)
+
     # Blocking forms, for the step-end statistics and the GraVAC path.
     def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks in place (waits)."""
@@ -243,9 +265,11 @@ class TwoPassTransport(Transport):
     Pass 1 (all_to_all): each tensor is cut into ``world`` shards (:func:`shard_bounds`), each
     compressed on its own; row ``j`` of the wire (one row per destination rank) holds shard
     ``j`` of every tensor, and rank ``r`` receives every rank's shard ``r``. Pass 2
-    (all_gather): with a server error (DoubleSqueeze), rank ``r`` sums the decoded shards,
-    adds its server error, compresses that and keeps the new server error; without one the
-    shard sum travels in fp32. Every row and every pass carries its sender's flag.
+    (all_gather): with a server error (``ef`` and ``doublesqueeze``: DoubleSqueeze's server
+    step), rank ``r`` sums the decoded shards, adds its server error, compresses that and keeps
+    the new server error; without one the shard sum travels in fp32. Each rank sends about
+    ``2(n-1)/n`` payloads per step, against ``n-1`` for all_gather. Every row and every pass
+    carries its sender's flag.
     """
 
     passes = 2

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
+import time
 import traceback
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT = 300  # seconds
 
 
 def free_port() -> int:
@@ -24,7 +28,8 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", UserWarning)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A collective that never completes fails the test after this long instead of gloo's 30 minutes.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
     try:
         fn(rank, world_size, *args)
     except BaseException:
@@ -37,9 +42,20 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     dist.destroy_process_group()
 
 
-def run_distributed(fn, *args, world_size: int = 2) -> None:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; a failure in any rank raises."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+def run_distributed(fn, *args, world_size: int = 2, timeout: float = 900.0) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; a failure in any rank raises.
+
+    Ranks still running after ``timeout`` seconds are killed and the call raises ``TimeoutError``.
+    """
+    context = mp.start_processes(
+        _entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=2.0):  # raises as soon as a rank fails
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} ranks ran past {timeout:.0f} s")
 
 
 def gather_flat(tensors) -> list[torch.Tensor]:
