@@ -29,7 +29,6 @@ def _worker(rank, world, optimizer):
     pytest.importorskip("sklearn")
     sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
     import convergence as bench
-
     from digits_data import digits
 
     data = {seed: digits(seed) for seed in SEEDS}

@@ -76,7 +76,7 @@ def test_sign_multi_cpu_matches_twin(monkeypatch, block, scale, threads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # the decode of two copies of the payload is twice the single decode: out = 0 + p + p
     xs, es = inputs(SIZES)
-    for (scales, _), x, e, r, out, n in zip(c[0], xs, es, c[3], c[4], SIZES):
+    for x, e, r, out in zip(xs, es, c[3], c[4]):
         v = x * scale + e if scale != 1.0 else x + e
         torch.testing.assert_close(out, 2 * (v - r), rtol=1e-5, atol=1e-6)
 
@@ -168,7 +168,7 @@ def test_topk_multi_without_residual_out_keeps_inputs(monkeypatch):
 @needs_cpu
 def test_topk_multi_ties_keep_an_exact_top_k_lowest_index_first(monkeypatch):
     g = torch.Generator().manual_seed(11)
-    for trial in range(40):
+    for _ in range(40):
         n = int(torch.randint(2, 60_000, (1,), generator=g))
         x = torch.randint(-4, 5, (n,), generator=g).float()  # many equal magnitudes
         k = max(1, int(n * 0.2 * float(torch.rand(1, generator=g))))

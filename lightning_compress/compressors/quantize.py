@@ -13,7 +13,6 @@ import torch
 
 from kernels import pack_bits, packed_nbytes, unpack_bits
 from kernels._blocks import as_blocks as _blocks
-from kernels._blocks import block_lengths as _block_lengths
 from kernels.qsgd import qsgd_decode_add, qsgd_encode
 from kernels.sign import block_stats, sign_decode_add, sign_decode_multi, sign_ef, sign_ef_multi, sign_server_step
 from lightning_compress.compressors.base import Compressor, Encoded, num_blocks, pack_parts, split_parts
