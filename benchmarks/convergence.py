@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repository root first: benchmarks/kernels.py (a benchmark) must not shadow the `kernels` package.
+# The repository's own package first (over an installed one), then the examples and this folder.
 sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(Path(__file__).resolve().parent)]
 
 from _machine import cpu_model  # noqa: E402

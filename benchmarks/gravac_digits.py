@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repository root first: this folder's kernels.py (the benchmark) must not shadow the package.
+# The repository's own package first (over an installed one), and the examples.
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 import lightning_digits as ex  # noqa: E402

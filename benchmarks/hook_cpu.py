@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-# The repository root first: benchmarks/kernels.py (a benchmark) must not shadow the `kernels` package.
+# The repository's own package first (over an installed one), then this folder.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from _machine import cpu_model  # noqa: E402

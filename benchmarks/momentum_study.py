@@ -71,8 +71,6 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-# benchmarks/kernels.py would shadow the `kernels` package: drop this script's folder from the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT / "examples"))
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # a fallback only: an installed (or PYTHONPATH) lightning_compress comes first

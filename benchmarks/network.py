@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repository root first: this folder's kernels.py (a benchmark) must not shadow the `kernels` package.
+# The repository's own package first (over an installed one).
 sys.path[:0] = [str(ROOT)]
 WORKER = ROOT / "benchmarks" / "network_worker.py"
 

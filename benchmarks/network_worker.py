@@ -46,7 +46,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repository root first: benchmarks/kernels.py (a benchmark) must not shadow the `kernels` package.
+# The repository's own package first (over an installed one).
 # examples/digits_data.py brings the digits task without importing lightning_compress (and Lightning).
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 

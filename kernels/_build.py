@@ -1,6 +1,6 @@
 """Build one C source into a shared library, cache it per machine and CPU, and load it with ctypes.
 
-Used by :mod:`kernels.cpu`; standard library only, so it works wherever the kernels import.
+Used by :mod:`lightning_compress_kernels.cpu`; standard library only, so it works wherever the kernels import.
 
 **Target.** The library is compiled with ``-march=native`` (if that fails, for the
 compiler's default target), so it may hold instructions, AVX-512 for instance, that other

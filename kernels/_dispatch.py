@@ -7,7 +7,7 @@ same choice with the reason. The device of the tensor and ``LIGHTNING_COMPRESS_K
 (tests, benchmarks) decide the rest:
 
 * ``auto`` (default): CUDA tensors use Triton when it imports, CPU tensors use the
-  compiled CPU path (:mod:`kernels.cpu`) when it builds; otherwise the torch twin.
+  compiled CPU path (:mod:`lightning_compress_kernels.cpu`) when it builds; otherwise the torch twin.
 * ``triton``: Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``.
 * ``cpu``: the compiled CPU path (an error for CUDA tensors or when it cannot build).
 * ``torch``: the pure-torch twins, the reference meaning of every op.
@@ -92,7 +92,7 @@ _cpu_module: ModuleType | None = None
 def _cpu() -> ModuleType:
     global _cpu_module
     if _cpu_module is None:
-        from kernels import cpu  # late: kernels.cpu imports this module, and building the library is lazy
+        from . import cpu  # late: kernels.cpu imports this module, and building the library is lazy
 
         _cpu_module = cpu
     return _cpu_module
@@ -198,15 +198,15 @@ def implementation(
     Args:
         tensor: as for :func:`choose`.
         triton: the ``kernels`` module holding the op's Triton kernel (``"triton_sign"``), if any.
-        cpu: the op has a C kernel in :mod:`kernels.cpu`.
+        cpu: the op has a C kernel in :mod:`lightning_compress_kernels.cpu`.
         fits: as for :func:`choose`.
 
     Returns:
-        :mod:`kernels.cpu`, the Triton module (imported now), or None.
+        :mod:`lightning_compress_kernels.cpu`, the Triton module (imported now), or None.
     """
     path = _decide(tensor, triton is not None, cpu, fits)[0]
     if path == "cpu":
         return _cpu()
     if path == "triton":
-        return importlib.import_module(f"kernels.{triton}")
+        return importlib.import_module(f".{triton}", __package__)
     return None

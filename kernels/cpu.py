@@ -5,14 +5,14 @@ The library is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc`
 ``~/.cache/lightning_compress``) under a key of the source, the flags, the compiler version
 and the CPU target, so nodes that share a home directory never load each other's builds.
 A cached file is loaded only after its owner, mode, size and sha256 are checked, and
-processes that start together build it once (see :mod:`kernels._build`). :func:`prepare`
+processes that start together build it once (see :mod:`lightning_compress_kernels._build`). :func:`prepare`
 builds it ahead of the first step. If it cannot be built or loaded, :func:`available` is
 False, :func:`build_error` says why, one ``RuntimeWarning`` says how to fix or silence it,
 and the ops use their torch twins.
 
 Large tensors are cut into one range per torch intra-op thread; ctypes releases the GIL,
 so the ranges run in parallel. The wrappers here take already-checked arguments (see the
-public ops in :mod:`kernels.sign`, :mod:`kernels.qsgd`, :mod:`kernels.topk`).
+public ops in :mod:`lightning_compress_kernels.sign`, :mod:`lightning_compress_kernels.qsgd`, :mod:`lightning_compress_kernels.topk`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from kernels import _build
-from kernels._blocks import num_blocks
-from kernels._dispatch import ENV_VAR, library_wanted
-from kernels.rng import stream_keys
+from . import _build
+from ._blocks import num_blocks
+from ._dispatch import ENV_VAR, library_wanted
+from .rng import stream_keys
 
 __all__ = ["available", "build_error", "library_path", "prepare"]
 
@@ -371,7 +371,7 @@ def sign_decode_multi(wires, offsets, outs, blocks, assign):
 
 
 def topk_ef_multi(xs, residuals, residuals_out, ks, wire, offsets, scale, samples, velocity=None):
-    """The exact top-k of every ``v = scale * x + residual`` into ``wire`` (see kernels.topk).
+    """The exact top-k of every ``v = scale * x + residual`` into ``wire`` (see lightning_compress_kernels.topk).
 
     ``samples[t]`` is ``(sample_size, sample_rank, k0, k1)``, or ``None`` to take every entry as
     a candidate. Returns ``(sq, kept_sq, status)`` per tensor; status 1 means too few

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import implementation
+from ._dispatch import implementation
 
 __all__ = ["all_finite"]
 

@@ -23,11 +23,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels._blocks import as_blocks, byte_aligned
-from kernels._dispatch import implementation
-from kernels.bitpack import pack_bits, unpack_bits
-from kernels.rng import uniform
-from kernels.sign import _check
+from ._blocks import as_blocks, byte_aligned
+from ._dispatch import implementation
+from .bitpack import pack_bits, unpack_bits
+from .rng import uniform
+from .sign import _check
 
 __all__ = ["QSGDCode", "QSGD_BITS", "qsgd_encode", "qsgd_decode_add"]
 

@@ -6,7 +6,7 @@ Meaning (the torch twins below are the reference):
   ``None``; ``scale`` 1 reads ``x`` as it is, the product is rounded before the sum); per
   block ``b`` of ``block`` elements (the last may be shorter) ``scale_b = sum|v_b| / len_b``
   and ``sq_b = sum v_b**2``; bit ``i`` is ``v_i >= 0`` (so ``-0.0`` encodes as ``+``), packed
-  8 per byte little-endian (:mod:`kernels.bitpack`); if ``residual_out`` is given it receives
+  8 per byte little-endian (:mod:`lightning_compress_kernels.bitpack`); if ``residual_out`` is given it receives
   ``v - scale_b * (+1 if bit else -1)``, the error that feedback carries to the next step.
 * ``sign_decode_add(scales, packed, out, block, assign)``: ``out += sum_r scale_r[b] * sign_r``
   (with ``assign``, ``out = 0 + sum_r ...``: its old contents are not read).
@@ -33,10 +33,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels._blocks import as_blocks, block_lengths, byte_aligned, num_blocks
-from kernels._dispatch import implementation
-from kernels.bitpack import pack_bits, unpack_bits
-from kernels.velocity import Velocity, fused_velocity_ok, velocity_many
+from ._blocks import as_blocks, block_lengths, byte_aligned, num_blocks
+from ._dispatch import implementation
+from .bitpack import pack_bits, unpack_bits
+from .velocity import Velocity, fused_velocity_ok, velocity_many
 
 __all__ = ["SignCode", "sign_ef", "sign_decode_add", "sign_server_step", "sign_payload_nbytes", "sign_ef_multi",
            "sign_decode_multi"]
@@ -186,9 +186,9 @@ def sign_ef_multi(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sign_ef` of every tensor, each payload written into ``wire`` (uint8) at its offset.
 
-    With ``velocity`` (see :class:`kernels.velocity.Velocity`; ``scale`` must be 1) each tensor's
+    With ``velocity`` (see :class:`lightning_compress_kernels.velocity.Velocity`; ``scale`` must be 1) each tensor's
     input is ``s_t + residual_t``, computed in the same pass on the CPU path, and the new
-    velocities are written: the same bits as :func:`kernels.velocity.velocity` followed by
+    velocities are written: the same bits as :func:`lightning_compress_kernels.velocity.velocity` followed by
     this op on ``s``.
 
     ``offsets`` must be multiples of 4 (the scales are fp32). Returns ``(sq, err)`` per block

@@ -13,7 +13,7 @@ Meaning (the torch twins are the reference):
   lowest index first, so its payloads are a function of ``v`` alone.
 
 The fast paths find the same set without sorting all of ``|v|``: a threshold is read off
-a random sample (positions from :func:`kernels.rng.uniform`) with a margin of four binomial
+a random sample (positions from :func:`lightning_compress_kernels.rng.uniform`) with a margin of four binomial
 standard deviations, one fused pass writes ``v`` and compacts the indices of the entries at
 or above it (a little more than ``k``), and the exact top-``k`` of those is kept. In the
 rare draw where fewer than ``k`` pass, the exact top-``k`` of all of ``|v|`` is taken. So the
@@ -31,11 +31,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels._dispatch import implementation
-from kernels.rng import stream_keys, uniform
-from kernels.sign import _check
-from kernels.velocity import Velocity, fused_velocity_ok, velocity_many
-from kernels.velocity import velocity as velocity_fn
+from ._dispatch import implementation
+from .rng import stream_keys, uniform
+from .sign import _check
+from .velocity import Velocity, fused_velocity_ok, velocity_many
+from .velocity import velocity as velocity_fn
 
 __all__ = ["TopKCode", "topk_ef", "scatter_add", "sample_threshold", "topk_ef_multi", "sparse_decode_multi"]
 

@@ -1,6 +1,6 @@
 """Tiling, bit packing and payload rows shared by the block-wise Triton kernels.
 
-:mod:`kernels.triton_sign` and :mod:`kernels.triton_qsgd` both use these.
+:mod:`lightning_compress_kernels.triton_sign` and :mod:`lightning_compress_kernels.triton_qsgd` both use these.
 
 Tiling: a program holds a ``(G, CHUNK)`` tile, ``G`` whole blocks of at most ``CHUNK``
 elements each (``CHUNK`` = the next power of two >= ``block``, at least 8). Short blocks are
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._blocks import num_blocks
+from ._blocks import num_blocks
 
 __all__ = [
     "MAX_TILE", "GROUP_TARGET", "geometry", "warps", "payload_rows", "pack_store", "bit_at", "decode_tile",

@@ -1,10 +1,10 @@
-"""Triton kernels for QSGD encode and decode-accumulate (see :mod:`kernels.qsgd` for the meaning).
+"""Triton kernels for QSGD encode and decode-accumulate (see :mod:`lightning_compress_kernels.qsgd` for the meaning).
 
-The dispatcher (:mod:`kernels._dispatch`) calls these for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, and
+The dispatcher (:mod:`lightning_compress_kernels._dispatch`) calls these for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, and
 only for byte-aligned layouts (``block % 8 == 0`` and ``block * bits % 8 == 0``, or one block).
 
 * :func:`qsgd_encode`: one kernel; a program holds ``G`` whole blocks (``G * CHUNK``
-  elements, the tiling of :mod:`kernels.triton_blocks`) and computes the peak, the unit norm, the
+  elements, the tiling of :mod:`lightning_compress_kernels.triton_blocks`) and computes the peak, the unit norm, the
   stochastic levels and both packed outputs in registers. A block longer than the longest
   tile gets a program of its own that walks it in three passes (peak, norm, codes).
 * :func:`qsgd_decode_add`: one kernel on the same tiling (a program per ``G`` blocks, or per
@@ -12,7 +12,7 @@ only for byte-aligned layouts (``block % 8 == 0`` and ``block * bits % 8 == 0``,
   find its block) that reads ``out`` once, adds every payload in registers in payload order,
   and writes once.
 
-The stochastic rounding draws ``u_i`` from the counter RNG of :mod:`kernels.rng` with the same
+The stochastic rounding draws ``u_i`` from the counter RNG of :mod:`lightning_compress_kernels.rng` with the same
 32-bit arithmetic (:func:`_uniform`), so the draws are bit-equal to ``rng.uniform``. Divisions
 and square roots use IEEE rounding (``div_rn``, ``sqrt_rn``) and launches disable fp
 contraction, so levels match the twin except where summation order moves ``s*unit/unorm + u``
@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._blocks import num_blocks
-from kernels.rng import stream_keys
-from kernels.triton_blocks import bit_at, decode_grid, decode_tile, geometry, pack_store, payload_rows, warps
+from ._blocks import num_blocks
+from .rng import stream_keys
+from .triton_blocks import bit_at, decode_grid, decode_tile, geometry, pack_store, payload_rows, warps
 
 __all__ = ["qsgd_encode", "qsgd_decode_add"]
 
@@ -66,7 +66,7 @@ def _uniform_kernel(out_ptr, n, offset, k0, k1, TILE: tl.constexpr):
 
 
 def uniform(seed: int, n: int, device="cpu", offset: int = 0) -> torch.Tensor:
-    """:func:`kernels.rng.uniform` computed by the Triton RNG (for tests and checks)."""
+    """:func:`lightning_compress_kernels.rng.uniform` computed by the Triton RNG (for tests and checks)."""
     out = torch.empty(n, dtype=torch.float32, device=device)
     if n:
         k0, k1 = stream_keys(seed)
@@ -158,7 +158,7 @@ def _levels(bits: int) -> int:
 
 
 def qsgd_encode(x: torch.Tensor, bits: int, block: int, seed: int):
-    """``(norms, signs, codes)`` of ``x``; see :mod:`kernels.qsgd`."""
+    """``(norms, signs, codes)`` of ``x``; see :mod:`lightning_compress_kernels.qsgd`."""
     levels = _levels(bits)
     n = x.numel()
     device = x.device

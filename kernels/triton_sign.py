@@ -1,10 +1,10 @@
-"""Triton kernels for scaled sign with error feedback (see :mod:`kernels.sign` for the meaning).
+"""Triton kernels for scaled sign with error feedback (see :mod:`lightning_compress_kernels.sign` for the meaning).
 
-The dispatcher (:mod:`kernels._dispatch`) has :mod:`kernels.sign` call these for CUDA tensors,
+The dispatcher (:mod:`lightning_compress_kernels._dispatch`) has :mod:`lightning_compress_kernels.sign` call these for CUDA tensors,
 or for CPU tensors under ``TRITON_INTERPRET=1``, and only for byte-aligned layouts
 (``block % 8 == 0`` or one block).
 
-Tiling, bit packing and payload rows are those of :mod:`kernels.triton_blocks`: a program
+Tiling, bit packing and payload rows are those of :mod:`lightning_compress_kernels.triton_blocks`: a program
 holds ``G`` whole short blocks, or walks one long block in chunks, with a first pass for the
 sums and a second one that recomputes ``v`` and writes the bits and the residual. Either way
 the whole op is one kernel launch.
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._blocks import num_blocks
-from kernels.triton_blocks import bit_at, decode_grid, decode_tile, geometry, pack_store, payload_rows, warps
+from ._blocks import num_blocks
+from .triton_blocks import bit_at, decode_grid, decode_tile, geometry, pack_store, payload_rows, warps
 
 __all__ = ["sign_ef", "sign_decode_add", "sign_server_step"]
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the top-k fast path and sparse scatter-accumulate (see :mod:`kernels.topk`).
+"""Triton kernels for the top-k fast path and sparse scatter-accumulate (see :mod:`lightning_compress_kernels.topk`).
 
 * :func:`add`: ``v_out = x + residual``, elementwise.
 * :func:`select_at_least`: the indices ``i`` with ``|v_i| >= threshold`` in ascending order,

@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels._dispatch import implementation
+from ._dispatch import implementation
 
 __all__ = ["Velocity", "fused_velocity_ok", "velocity", "velocity_many"]
 

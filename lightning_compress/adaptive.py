@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from kernels.finite import all_finite
 from lightning_compress.compressors import COMPRESSORS, Compressor
 from lightning_compress.config import CompressionConfig
 from lightning_compress.gravac import GraVACController, Plan
 from lightning_compress.transport import send_encoded
+from lightning_compress_kernels.finite import all_finite
 
 __all__ = ["AdaptiveRun", "ADAPTIVE_COMPRESSORS", "compressor_at", "qsgd_ladder", "attach_gravac"]
 

@@ -8,8 +8,8 @@ import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from kernels import SUPPORTED_BITS
 from lightning_compress.compressors import COMPRESSORS, Compressor
+from lightning_compress_kernels import SUPPORTED_BITS
 
 __all__ = ["CompressionConfig", "FEEDBACKS", "MOMENTUM_MODES", "TRANSPORTS"]
 

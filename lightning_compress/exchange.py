@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.finite import all_finite
-from kernels.velocity import Velocity
 from lightning_compress.transport import (
     TRANSPORTS,
     Batch,
@@ -39,6 +37,8 @@ from lightning_compress.transport import (
     done_future,
     shard_bounds,
 )
+from lightning_compress_kernels.finite import all_finite
+from lightning_compress_kernels.velocity import Velocity
 
 if TYPE_CHECKING:
     from lightning_compress.state import CompressionState

@@ -13,12 +13,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kernels.finite import all_finite
 from lightning_compress.agreement import check_agreement
 from lightning_compress.config import CompressionConfig
 from lightning_compress.exchange import CompressedFlight, DenseFlight, Flight, commit_velocities, dense_inputs
 from lightning_compress.momentum import Prepared
 from lightning_compress.state import CompressionState
+from lightning_compress_kernels.finite import all_finite
 
 __all__ = ["compression_hook", "register_compression"]
 
@@ -284,6 +284,6 @@ def get_compression_state(ddp_model: DistributedDataParallel) -> CompressionStat
 
 def _build_kernels() -> None:
     """Build (or load) the CPU kernels now, not inside the first hook call."""
-    from kernels import cpu
+    from lightning_compress_kernels import cpu
 
     cpu.prepare()

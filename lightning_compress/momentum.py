@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from kernels.velocity import velocity
+from lightning_compress_kernels.velocity import velocity
 
 __all__ = ["ExchangeMomentum", "attach_optimizer"]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
+from lightning_compress_kernels import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
 
 LENGTHS = (0, 1, 7, 1023, 4097)
 

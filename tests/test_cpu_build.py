@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import _build
+from lightning_compress_kernels import _build
 
 REAL_CC = next((shutil.which(name) for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
 needs_cc = pytest.mark.skipif(REAL_CC is None, reason="no C compiler on PATH")
@@ -448,8 +448,8 @@ CPU_CODE = """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import torch
-        import kernels.cpu as cpu
-        from kernels import sign
+        import lightning_compress_kernels.cpu as cpu
+        from lightning_compress_kernels import sign
         ready = cpu.prepare()
         for _ in range(3):
             sign.sign_ef(torch.randn(100), block=8)

@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-import kernels.cpu as cpu
-from kernels import qsgd, rng, sign, topk
-from kernels._dispatch import ENV_VAR, path_for
-from kernels.bitpack import unpack_bits
+import lightning_compress_kernels.cpu as cpu
+from lightning_compress_kernels import qsgd, rng, sign, topk
+from lightning_compress_kernels._dispatch import ENV_VAR, path_for
+from lightning_compress_kernels.bitpack import unpack_bits
 
 needs_cpu = pytest.mark.skipif(not cpu.available(), reason=f"C CPU path unavailable: {cpu.build_error()}")
 
@@ -341,7 +341,7 @@ def test_dispatch_env(monkeypatch) -> None:
 
 def test_no_compiler_falls_back_to_twins(tmp_path) -> None:
     code = (
-        "import torch, kernels.cpu as c; from kernels import sign, _dispatch\n"
+        "import torch, lightning_compress_kernels.cpu as c; from lightning_compress_kernels import sign, _dispatch\n"
         "assert not c.available(), 'built without a compiler?'\n"
         "assert 'no C compiler' in c.build_error()\n"
         "x = torch.randn(100)\n"
@@ -358,7 +358,7 @@ def test_no_compiler_falls_back_to_twins(tmp_path) -> None:
 @needs_cpu
 @pytest.mark.parametrize("n", (1, 15, 16, 17, 300_001))
 def test_all_finite_cpu_matches_twin(on_path, two_threads, n: int) -> None:
-    from kernels.finite import all_finite
+    from lightning_compress_kernels.finite import all_finite
 
     on_path("cpu")
     x = data(n, 21)

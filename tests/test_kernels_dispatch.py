@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels.cpu as cpu
-from kernels import _dispatch, finite, qsgd, sign, topk, velocity
-from kernels._dispatch import ENV_VAR, Choice, choose, implementation, path_for, unavailable
+import lightning_compress_kernels.cpu as cpu
+from lightning_compress_kernels import _dispatch, finite, qsgd, sign, topk, velocity
+from lightning_compress_kernels._dispatch import ENV_VAR, Choice, choose, implementation, path_for, unavailable
 
 NO_TRITON = "ModuleNotFoundError: No module named 'triton'"
 NO_LIBRARY = "no C compiler found; set CC"
@@ -177,7 +177,7 @@ def test_implementation_is_the_module_of_the_chosen_path(setting, library, trito
     assert implementation(x, fits=False) is None
     setting("torch")
     assert implementation(x, triton="triton_topk") is None
-    triton_topk = pytest.importorskip("kernels.triton_topk")  # imported in the session's Triton mode
+    triton_topk = pytest.importorskip("lightning_compress_kernels.triton_topk")  # imported in the session's Triton mode
     triton_imports(True, interpret=True)
     setting("triton")
     assert implementation(x, triton="triton_topk") is triton_topk
@@ -245,7 +245,7 @@ def test_dtypes_the_c_kernels_do_not_read_never_ask(setting, library) -> None:
 def test_reason_when_no_compiler_exists(tmp_path) -> None:
     code = (
         "import torch\n"
-        "from kernels._dispatch import choose\n"
+        "from lightning_compress_kernels._dispatch import choose\n"
         "c = choose(torch.zeros(4))\n"
         "assert c.path == 'torch', c\n"
         "assert c.reason.startswith('the C path is unavailable: the CPU library could not be built:'), c.reason\n"

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-import kernels.cpu as cpu
-from kernels._blocks import num_blocks
-from kernels._dispatch import ENV_VAR
-from kernels.sign import _payload_parts, sign_decode_multi, sign_ef_multi, sign_payload_nbytes
-from kernels.topk import _parts, sparse_decode_multi, topk_ef_multi
+import lightning_compress_kernels.cpu as cpu
+from lightning_compress_kernels._blocks import num_blocks
+from lightning_compress_kernels._dispatch import ENV_VAR
+from lightning_compress_kernels.sign import _payload_parts, sign_decode_multi, sign_ef_multi, sign_payload_nbytes
+from lightning_compress_kernels.topk import _parts, sparse_decode_multi, topk_ef_multi
 
 needs_cpu = pytest.mark.skipif(not cpu.available(), reason=f"C CPU path unavailable: {cpu.build_error()}")
 
@@ -83,7 +83,7 @@ def test_sign_multi_cpu_matches_twin(monkeypatch, block, scale, threads):
 
 def test_sign_multi_twin_means_per_tensor_sign_ef(monkeypatch):
     """The twin: each tensor's payload is sign_ef of scale * x + e, at its offset."""
-    from kernels.sign import sign_ef
+    from lightning_compress_kernels.sign import sign_ef
 
     parts, sq, err, rs, _ = run_sign(monkeypatch, "torch", SIZES, 64, 0.25)
     xs, es = inputs(SIZES)
@@ -224,7 +224,7 @@ VELOCITY_CASES = {
 @pytest.mark.parametrize("case", list(VELOCITY_CASES))
 @pytest.mark.parametrize("first", [False, True])
 def test_velocity_cpu_matches_twin_and_means_the_formula(monkeypatch, case, first):
-    from kernels.velocity import velocity
+    from lightning_compress_kernels.velocity import velocity
 
     k = VELOCITY_CASES[case]
     g = torch.Generator().manual_seed(4)
@@ -252,7 +252,7 @@ def test_velocity_cpu_matches_twin_and_means_the_formula(monkeypatch, case, firs
 @pytest.mark.parametrize("path", ["cpu", "torch"])
 def test_multi_ops_with_velocity_equal_velocity_then_op(monkeypatch, path, first):
     """sign_ef_multi and topk_ef_multi with a velocity: the bits of kernels.velocity then the op on s."""
-    from kernels.velocity import Velocity, velocity
+    from lightning_compress_kernels.velocity import Velocity, velocity
 
     monkeypatch.setenv(ENV_VAR, path)
     g = torch.Generator().manual_seed(9)

@@ -21,10 +21,10 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 import triton.language  # noqa: E402, F811  (the submodule, loaded before the kernels)
 
-from kernels import qsgd, sign, topk, triton_blocks, triton_qsgd, triton_sign, triton_topk  # noqa: E402
-from kernels._blocks import num_blocks  # noqa: E402
-from kernels.bitpack import unpack_bits  # noqa: E402
-from kernels.rng import uniform  # noqa: E402
+from lightning_compress_kernels import qsgd, sign, topk, triton_blocks, triton_qsgd, triton_sign, triton_topk  # noqa: E402
+from lightning_compress_kernels._blocks import num_blocks  # noqa: E402
+from lightning_compress_kernels.bitpack import unpack_bits  # noqa: E402
+from lightning_compress_kernels.rng import uniform  # noqa: E402
 
 
 def _interpreted(fn) -> bool:

@@ -8,8 +8,8 @@ from typing import ClassVar, NamedTuple, Sequence
 
 import torch
 
-from kernels._blocks import num_blocks
-from kernels.velocity import Velocity, velocity_many
+from lightning_compress_kernels._blocks import num_blocks
+from lightning_compress_kernels.velocity import Velocity, velocity_many
 
 __all__ = ["Compressor", "Encoded", "pack_parts", "split_parts", "num_blocks", "bytes_as", "WIRE_ALIGN", "wire_layout"]
 
@@ -204,7 +204,7 @@ class Compressor(ABC):
         of squares that overflow fp32 where the values do not are saturated instead. Only
         ``fused_scale`` compressors take ``scale != 1``.
 
-        With ``velocity`` (:class:`kernels.velocity.Velocity`, ``scale`` 1) the input of tensor
+        With ``velocity`` (:class:`lightning_compress_kernels.velocity.Velocity`, ``scale`` 1) the input of tensor
         ``t`` is the optimizer's momentum formed from ``xs[t]``, ``s_t``, and the new velocities
         are written; ``fused_velocity`` compressors form it inside their own pass.
         """

@@ -11,11 +11,18 @@ import math
 
 import torch
 
-from kernels import pack_bits, packed_nbytes, unpack_bits
-from kernels._blocks import as_blocks as _blocks
-from kernels.qsgd import qsgd_decode_add, qsgd_encode
-from kernels.sign import block_stats, sign_decode_add, sign_decode_multi, sign_ef, sign_ef_multi, sign_server_step
 from lightning_compress.compressors.base import Compressor, Encoded, num_blocks, pack_parts, split_parts
+from lightning_compress_kernels import pack_bits, packed_nbytes, unpack_bits
+from lightning_compress_kernels._blocks import as_blocks as _blocks
+from lightning_compress_kernels.qsgd import qsgd_decode_add, qsgd_encode
+from lightning_compress_kernels.sign import (
+    block_stats,
+    sign_decode_add,
+    sign_decode_multi,
+    sign_ef,
+    sign_ef_multi,
+    sign_server_step,
+)
 
 __all__ = ["SignCompressor", "QSGDCompressor", "TernGradCompressor", "NaturalCompressor"]
 
@@ -50,7 +57,7 @@ class SignCompressor(_BlockQuantizer):
 
     def _encoded(self, code, numel: int) -> Encoded:
         # ||v - C(v)||^2 = sum_b (||v_b||^2 - len_b * scale_b^2), since scale_b = ||v_b||_1 / len_b;
-        # NaN where a block is not finite (see kernels.sign.block_stats).
+        # NaN where a block is not finite (see lightning_compress_kernels.sign.block_stats).
         sq, err = block_stats(code, numel, self._block(numel))
         return Encoded(pack_parts([code.scales, code.packed]), sq.double().sum(), err.double().sum())
 
@@ -94,8 +101,8 @@ class QSGDCompressor(_BlockQuantizer):
     """QSGD (Alistarh et al., NeurIPS 2017) with ``s = 2**bits - 1`` levels per block norm.
 
     ``Q(x_i) = ||x_b|| * sign(x_i) * l_i / s`` with ``l_i`` the stochastic rounding of
-    ``s |x_i| / ||x_b||`` by the counter-based generator of :mod:`kernels.rng` (so a
-    payload is reproducible from the seed on every kernel path; see :mod:`kernels.qsgd`). Layout: fp32 norm per block, sign bits packed 8 per byte, then
+    ``s |x_i| / ||x_b||`` by the counter-based generator of :mod:`lightning_compress_kernels.rng` (so a
+    payload is reproducible from the seed on every kernel path; see :mod:`lightning_compress_kernels.qsgd`). Layout: fp32 norm per block, sign bits packed 8 per byte, then
     ``bits``-bit level codes packed. Unbiased, omega = min(B / s^2, sqrt(B) / s).
     """
 

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from kernels.topk import scatter_add, sparse_decode_multi, topk_ef, topk_ef_multi
 from lightning_compress.compressors.base import Compressor, Encoded, pack_parts, split_parts
+from lightning_compress_kernels.topk import scatter_add, sparse_decode_multi, topk_ef, topk_ef_multi
 
 __all__ = ["TopKCompressor", "DGCCompressor", "RandKCompressor"]
 
@@ -70,7 +70,7 @@ class TopKCompressor(_IndexedSparse):
         return sq.double().sum(), err.double().sum()
 
     def compress(self, x, residual=None, *, seed=0, residual_out=None) -> Encoded:
-        # The exact top-k, found through a sampled threshold (see kernels.topk); indices ascending.
+        # The exact top-k, found through a sampled threshold (see lightning_compress_kernels.topk); indices ascending.
         code = topk_ef(
             x, residual, k=self.k(x.numel()), residual_out=residual_out, seed=seed, sample_fraction=self.sample_fraction
         )

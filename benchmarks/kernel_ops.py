@@ -5,7 +5,7 @@ device), ``add_`` (``y += x``: read 8 bytes, write 4 per element) is timed in th
 run, and each op is reported as median time, effective GB/s (the bytes it must move,
 counted below) and ratio to ``add_``. ``--twin`` adds the torch twins for comparison.
 
-    python benchmarks/kernels.py [--sizes 1M,25M,100M] [--device cpu|cuda] [--path auto]
+    python benchmarks/kernel_ops.py [--sizes 1M,25M,100M] [--device cpu|cuda] [--path auto]
                                  [--twin] [--out benchmarks/results/kernels_cpu.md]
 
 Bytes per element counted for n elements (R = 2 payloads decoded):
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _machine import cpu_model  # noqa: E402
-from kernels import _dispatch, cpu, qsgd, sign, topk  # noqa: E402
+from lightning_compress_kernels import _dispatch, cpu, qsgd, sign, topk  # noqa: E402
 
 SIZES = {"1M": 1 << 20, "25M": 25 * (1 << 20), "100M": 100 * (1 << 20)}
 BLOCK = 1024
@@ -109,7 +109,7 @@ def main() -> None:
         f"# Kernel ops on {args.device}: path `{path}`",
         "",
         f"Machine: {machine(args.device)}.",
-        f"Command: `python benchmarks/kernels.py {' '.join(sys.argv[1:])}`; median of {args.repeats} runs"
+        f"Command: `python benchmarks/kernel_ops.py {' '.join(sys.argv[1:])}`; median of {args.repeats} runs"
         " after one warm-up; GB/s counts the bytes each op must move (see the script's doc).",
     ]
     if path == "cpu":
