@@ -2,9 +2,9 @@
 
 from importlib.util import find_spec as _find_spec
 
+from lightning_compress.adaptive import attach_gravac
 from lightning_compress.compressors import COMPRESSORS, Compressor
 from lightning_compress.config import FEEDBACKS, TRANSPORTS, CompressionConfig
-from lightning_compress.adaptive import attach_gravac
 from lightning_compress.gravac import GraVACController
 from lightning_compress.hook import compression_hook, get_compression_state, register_compression
 from lightning_compress.momentum import attach_optimizer
