@@ -1,6 +1,15 @@
-"""lightning-compress: compressed, error-compensated gradient exchange for data-parallel PyTorch."""
+"""lightning-compress: compressed, error-compensated gradient exchange for data-parallel PyTorch.
 
-from importlib.util import find_spec as _find_spec
+The core (config, compressors, feedback, transports, the DDP hook) imports PyTorch only. The
+Lightning pieces (``CompressedDDPStrategy``, ``CompressionMonitor``, ``GraVAC``) are imported
+when first used, and the strategy names (``compressed_ddp``, ...) are registered in Lightning's
+Trainer and Fabric registries as soon as Lightning itself is imported, before or after this
+package, so ``Trainer(strategy="compressed_ddp")`` works without loading Lightning for users of
+plain DDP or Accelerate.
+"""
+
+import importlib as _importlib
+import sys as _sys
 
 from lightning_compress.adaptive import attach_gravac
 from lightning_compress.compressors import COMPRESSORS, Compressor
@@ -28,10 +37,24 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-# The core runs without Lightning; with it, the import registers the strategy names
-# (compressed_ddp, compressed_ddp_spawn, ...) in Lightning's Trainer and Fabric registries.
-if _find_spec("lightning") is not None:
-    from lightning_compress.callbacks import CompressionMonitor, GraVAC
-    from lightning_compress.strategy import CompressedDDPStrategy
+_LIGHTNING_NAMES = {
+    "CompressedDDPStrategy": "lightning_compress.strategy",
+    "CompressionMonitor": "lightning_compress.callbacks",
+    "GraVAC": "lightning_compress.callbacks",
+}
+__all__ += list(_LIGHTNING_NAMES)
 
-    __all__ += ["CompressedDDPStrategy", "CompressionMonitor", "GraVAC"]
+
+def __getattr__(name: str):
+    if name in _LIGHTNING_NAMES:
+        return getattr(_importlib.import_module(_LIGHTNING_NAMES[name]), name)
+    raise AttributeError(f"module 'lightning_compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LIGHTNING_NAMES))
+
+
+from lightning_compress._lightning_names import register_when_lightning_loads  # noqa: E402
+
+register_when_lightning_loads(_sys.modules)

@@ -64,3 +64,34 @@ def _modules_with_examples() -> list[str]:
 def test_kernel_doctests(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0, result
+
+
+def _python(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_the_core_imports_without_lightning_and_registers_once_lightning_loads():
+    out = _python(
+        "import sys, lightning_compress, accelerate_compress\n"
+        "print('lightning' in sys.modules, 'lightning_compress.strategy' in sys.modules)\n"
+        "import lightning.pytorch as pl\n"
+        "from lightning.pytorch.strategies import StrategyRegistry\n"
+        "from lightning.fabric.strategies import STRATEGY_REGISTRY\n"
+        "print('compressed_ddp' in StrategyRegistry, 'compressed_ddp' in STRATEGY_REGISTRY)\n"
+        "print(lightning_compress.CompressedDDPStrategy.__module__, lightning_compress.GraVAC.__module__)\n"
+    )
+    assert out.split() == ["False", "False", "True", "True", "lightning_compress.strategy", "lightning_compress.callbacks"]
+
+
+def test_strategy_names_register_when_lightning_was_imported_first():
+    out = _python(
+        "import lightning.pytorch as pl\n"
+        "import lightning_compress\n"
+        "from lightning.pytorch.strategies import StrategyRegistry\n"
+        "print('compressed_ddp' in StrategyRegistry, 'compressed_ddp_spawn' in StrategyRegistry)\n"
+        "t = pl.Trainer(strategy='compressed_ddp', accelerator='cpu', devices=2, logger=False)\n"
+        "print(type(t.strategy).__name__)\n"
+    )
+    assert out.split()[-3:] == ["True", "True", "CompressedDDPStrategy"]
