@@ -5,7 +5,7 @@ the same two lines and log the same metric names through these functions.
 
 * :func:`start_line`: the settings that run and the bytes one step is expected to send, per rank,
   against a dense DDP allreduce of the same tensors (an estimate from the tensor sizes; it leaves out
-  the few bytes of flags and alignment per bucket).
+  the few bytes of flags per bucket).
 * :func:`end_line`: steps, steps compressed, bytes sent against dense, mean gain, and the time the
   exchange took, since the start of training (a resumed run includes what its checkpoint counted).
 * :func:`step_metrics` / :func:`gravac_metrics`: the per-step metrics, one dict each.
@@ -33,6 +33,7 @@ import torch
 
 from lightning_compress.adaptive import compressor_at
 from lightning_compress.compressors import Compressor
+from lightning_compress.compressors.base import WIRE_ALIGN
 from lightning_compress.config import CompressionConfig
 from lightning_compress.transport import shard_bounds
 
@@ -93,17 +94,23 @@ class TensorBytes:
     dense_bytes: float
 
 
+def _payload(comp: Compressor, numel: int) -> int:
+    """Bytes of one payload in a wire buffer (byte wires align every payload to ``WIRE_ALIGN``)."""
+    nbytes = comp.payload_nbytes(numel)
+    return -(-nbytes // WIRE_ALIGN) * WIRE_ALIGN if comp.payload_dtype == torch.uint8 else nbytes
+
+
 def _sent(comp: Compressor, transport: str, numel: int, world: int, server: bool) -> float:
     """Bytes one rank sends for one compressed tensor (the counting of ``Collectives``)."""
     if world == 1:
         return 0.0
     if transport == "allreduce":
-        return comp.payload_nbytes(numel) * 2.0 * (world - 1) / world
+        return _payload(comp, numel) * 2.0 * (world - 1) / world
     if transport == "allgather":
-        return comp.payload_nbytes(numel) * float(world - 1)
+        return _payload(comp, numel) * float(world - 1)
     longest = max(hi - lo for lo, hi in (shard_bounds(numel, world, j) for j in range(world)))
-    first = world * comp.payload_nbytes(longest) * (world - 1) / world  # all_to_all of one row per rank
-    second = (comp.payload_nbytes(longest) if server else 4 * longest) * float(world - 1)  # all_gather
+    first = world * _payload(comp, longest) * (world - 1) / world  # all_to_all of one row per rank
+    second = (_payload(comp, longest) if server else 4 * longest) * float(world - 1)  # all_gather
     return first + second
 
 
@@ -132,7 +139,9 @@ def expected_bytes(
         numel = math.prod(shape)
         reason = _compressible(shape, config)
         dense = numel * element_size * ring
-        sent = dense if reason is not None else _sent(comp, transport, numel, world_size, config.feedback == "doublesqueeze")
+        # Over two_pass, ef and doublesqueeze compress the second pass too (a server error per shard).
+        server = config.feedback in ("ef", "doublesqueeze")
+        sent = dense if reason is not None else _sent(comp, transport, numel, world_size, server)
         rows.append(TensorBytes(name, shape, reason, sent, dense))
     return rows
 

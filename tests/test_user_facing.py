@@ -149,6 +149,28 @@ def test_fabric_prints_lines_and_logs_through_log_dict(tmp_path, report_lines):
     assert table.count("per-tensor view") == 1 and re.search(r"^l1\.weight\s+32x16\s+compressed .* 0\.\d{3}$", table, re.M)
 
 
+@pytest.mark.parametrize("feedback,transport", [("ef", "two_pass"), ("doublesqueeze", "two_pass"), ("none", "two_pass"),
+                                                ("ef", "allgather")])
+def test_expected_bytes_match_the_transports_wire(feedback, transport):
+    """The start line's estimate against the wire buffers the transports build (4 ranks, one bucket)."""
+    from lightning_compress.transport import TRANSPORTS, Batch, Collectives
+
+    config = CompressionConfig(compressor="sign", feedback=feedback, transport=transport, block_size=64, min_numel=16)
+    numels, world = [4096, 1000, 777], 4
+    comp = config.make_compressor()
+    comm = Collectives(None, world, 0)
+    batch = Batch(comp, numels, [torch.zeros(n) for n in numels], lambda t, j: 0, torch.device("cpu"))
+    if transport == "two_pass":
+        server = [torch.zeros(-(-n // world)) for n in numels] if feedback in ("ef", "doublesqueeze") else None
+        t = TRANSPORTS[transport](comm, batch, server_memory=server, server_seed=lambda i, r: 0)
+        wire = world * t.row_bytes * (world - 1) / world + t.second_bytes * (world - 1)
+    else:
+        wire = TRANSPORTS[transport](comm, batch).layout.total * (world - 1)
+    rows = report.expected_bytes(config, [(f"w{i}", (n, 1, 1), 4) for i, n in enumerate(numels)], world)
+    estimate = sum(r.sent_bytes for r in rows)
+    assert abs(estimate - wire) <= 0.04 * wire, (estimate, wire)  # a flag (8 bytes) per row and pass aside
+
+
 def test_state_repr_says_what_it_holds():
     state = CompressionState(CompressionConfig(compressor="topk", density=0.1), {1: "w", 2: "b"})
     text = repr(state)
