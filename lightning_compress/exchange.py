@@ -85,6 +85,18 @@ def dense_inputs(grads, indices: list[int], prepared: dict, world: int) -> torch
     return flat
 
 
+def sum_dense_async(state: CompressionState, tensor: torch.Tensor) -> torch.futures.Future:
+    """Sum the tensors that stay dense in a compressed step over ranks, in place.
+
+    In rank order (:meth:`~lightning_compress.transport.Collectives.sum_ordered_async`) where the
+    payloads are summed in rank order too (all_gather, two-pass), so that a resumed run adds them
+    alike; beside the ``allreduce`` transport, whose payload sums follow the buffer's layout
+    anyway, by allreduce.
+    """
+    comm = state.collectives
+    return comm.allreduce_async(tensor) if state.transport == "allreduce" else comm.sum_ordered_async(tensor)
+
+
 def commit_velocities(state: CompressionState, params, prepared: dict) -> None:
     """After a successful exchange: the momentum parameters' new velocities become theirs."""
     for i, p in prepared.items():
@@ -116,9 +128,9 @@ class DenseFlight(Flight):
                     state.memory[state.param_names[id(params[i])]] = state.feedback.initial_memory(share, average)
             return buffer
 
-        # ordered: a bucket of tensors that stay dense after warm-up, summed alike whatever DDP's packing
-        comm = state.collectives
-        self.result = (comm.sum_ordered_async(buffer) if ordered else comm.allreduce_async(buffer)).then(arrived)
+        # ordered: a bucket of tensors that stay dense after warm-up (see sum_dense_async)
+        sent = sum_dense_async(state, buffer) if ordered else state.collectives.allreduce_async(buffer)
+        self.result = sent.then(arrived)
         self.done = self.result
 
 
@@ -186,11 +198,7 @@ class CompressedFlight(Flight):
         if rest:
             self.rest_flat = dense_inputs(grads, rest, prepared, world)
             finite = finite & torch.isfinite(self.rest_flat).all()
-            # Summed in rank order where the payloads are too, so that a resumed run adds them alike; beside an
-            # allreduce of the payloads (whose sum already follows the buffer's layout) an allreduce as well.
-            comm = state.collectives
-            ordered = state.transport != "allreduce"
-            futures.append(comm.sum_ordered_async(self.rest_flat) if ordered else comm.allreduce_async(self.rest_flat))
+            futures.append(sum_dense_async(state, self.rest_flat))
         self.transport.set_flag(wire, finite)
         futures.append(self.transport.launch(wire))
         first = torch.futures.collect_all(futures)
