@@ -9,11 +9,10 @@ import os
 import warnings
 from typing import Any, Mapping
 
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from accelerate_compress.flag import adaptive_from_env, adaptive_options, config_from_env, resolve
-from lightning_compress import report
+from lightning_compress import integration, report
 from lightning_compress.adaptive import attach_gravac
 from lightning_compress.config import CompressionConfig
 from lightning_compress.hook import get_compression_state, register_compression
@@ -70,22 +69,14 @@ class CompressionCheckpoint:
 
     def state_dict(self) -> dict[str, Any]:
         state = self.state
-        sd = state.state_dict()
-        # CPU copies: a pickled CUDA tensor would unpickle on the sender's device.
-        sd["memory"] = {n: {k: t.cpu() for k, t in m.items()} for n, m in sd["memory"].items()}
-        sd["server_memory"] = {n: t.cpu() for n, t in sd["server_memory"].items()}
-        sd["velocity"] = {n: t.cpu() for n, t in sd["velocity"].items()}
-        if state.world_size > 1 and dist.is_available() and dist.is_initialized():
-            # all_gather (not gather): with save_on_each_node every local main process writes the file.
-            gathered: list[Any] = [None] * state.world_size
-            dist.all_gather_object(gathered, sd, group=state.process_group)
-        else:
-            gathered = [sd]
-        return {"format": 1, "world_size": state.world_size, "config": state.config.to_dict(), "ranks": gathered}
+        sd = integration.rank_state_dict(state)  # CPU copies: a pickled CUDA tensor would unpickle on the sender's device
+        # all_gather (not gather): with save_on_each_node every local main process writes the file.
+        gathered = integration.gather_ranks(state, sd, everywhere=True)
+        return integration.checkpoint_blob(state, gathered)
 
     def load_state_dict(self, blob: Mapping[str, Any]) -> None:
-        state, ranks = self.state, blob["ranks"]
-        if int(blob["world_size"]) != state.world_size:
+        state = self.state
+        if integration.saved_world_size(blob) != state.world_size:
             warnings.warn(
                 f"accelerate_compress: the checkpoint holds compression state for {blob['world_size']} ranks but this "
                 f"run has {state.world_size}; residuals and shifts start from zero (not bit-for-bit).",
@@ -93,7 +84,7 @@ class CompressionCheckpoint:
                 stacklevel=2,
             )
         log.debug("accelerate_compress: restoring compression state of rank %d", state.rank)
-        state.load_state_dict(ranks[min(state.rank, len(ranks) - 1)])
+        integration.load_own_rank(state, blob)
 
 
 def _adaptive(config: Any, adaptive: Any) -> dict[str, Any] | None:
@@ -315,18 +306,18 @@ def _follow_loss_scale(scaler: Any, state: CompressionState) -> None:
 
     def update_and_rescale(*args: Any, **kwargs: Any) -> Any:
         # Memory holds loss-scaled gradients: without this, every growth or overflow skip would poison it.
-        enabled = scaler.is_enabled() if hasattr(scaler, "is_enabled") else True
-        before = scaler.get_scale() if enabled else None
+        before = integration.current_scale(scaler)
         out = update(*args, **kwargs)
         if before:
-            after = scaler.get_scale()
-            if after != before:
-                log.debug("accelerate_compress: loss scale %s -> %s, rescaling compression memory", before, after)
-                state.rescale_memory(after / before)
+            integration.follow_loss_scale(state, before, scaler.get_scale(), _say_rescale)
         return out
 
     scaler.update = update_and_rescale
     setattr(scaler, _REGISTERED, True)
+
+
+def _say_rescale(before: float, after: float) -> None:
+    log.debug("accelerate_compress: loss scale %s -> %s, rescaling compression memory", before, after)
 
 
 def _report() -> None:

@@ -233,7 +233,7 @@ class _GraVACMixin:
 
     def _strategy_check(self, trainer: Any) -> None:
         from lightning_compress.adaptive import ADAPTIVE_COMPRESSORS
-        from lightning_compress.strategy import _CompressionCore
+        from lightning_compress.strategy_base import _CompressionCore
 
         strategy = trainer.strategy
         if not isinstance(strategy, _CompressionCore):

@@ -22,16 +22,17 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_compress.config import CompressionConfig
-from lightning_compress.strategy import (
+from lightning_compress.integration import (
     CHECKPOINT_KEY,
     CompressorName,
     FeedbackName,
     MomentumMode,
     TransportName,
-    _CompressionCore,
-    _register_names,
-    _rescale_memory,
+    config_options,
+    current_scale,
+    register_names,
 )
+from lightning_compress.strategy_base import _CompressionCore
 
 __all__ = ["CompressedDDPStrategy"]
 
@@ -90,11 +91,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        options = dict(
-            compressor=compressor, density=density, bits=bits, feedback=feedback, transport=transport,
-            warmup_steps=warmup_steps, min_numel=min_numel, block_size=block_size, seed=seed,
-            diana_alpha=diana_alpha, dgc_sample_fraction=dgc_sample_fraction, momentum=momentum,
-        )  # fmt: skip
+        options = config_options(locals())  # the CompressionConfig fields among the arguments
         self._init_compression(compression, options, save_compression_memory, False, kwargs)
         self._pending_optimizers: list[Optimizer] = []
         self._end_line_due = False
@@ -137,10 +134,9 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
     @override
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         scaler = getattr(self.precision, "scaler", None)
-        before = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+        before = current_scale(scaler)
         output = super().optimizer_step(optimizer, **kwargs)
-        if before is not None and self._compression_state is not None and scaler.get_scale() != before:
-            _rescale_memory(self._compression_state, scaler.get_scale() / before)  # memory is in loss-scaled units
+        self._follow_loss_scale(scaler, before)  # memory is in loss-scaled units
         return output
 
     @override
@@ -163,25 +159,20 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         if blob is None and isinstance(state, dict) and isinstance(state.get(CHECKPOINT_KEY), dict):
             blob = state[CHECKPOINT_KEY]  # the caller asked for it by name: Fabric put it into `state`
         if blob is not None:
-            self._loaded_compression = blob
             if state and isinstance(remainder, dict):  # restored here: not an unknown leftover
                 remainder = {k: v for k, v in remainder.items() if k != CHECKPOINT_KEY}
-            if self._hook_active:
-                self._apply_loaded_compression()
+            self._stash_loaded_compression(blob)
         return remainder
 
     @override
     def teardown(self) -> None:
-        self._say_end()
-        self._loaded_compression = None
-        self._hook_active = False
-        self._detach_optimizers()
+        self._end_compression()
         super().teardown()
 
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        _register_names(cls, strategy_registry, ("lightning_compress.fabric.CompressedDDPStrategy",))
+        register_names(cls, strategy_registry, ("lightning_compress.fabric.CompressedDDPStrategy",))
 
 
 CompressedDDPStrategy.register_strategies(STRATEGY_REGISTRY)

@@ -7,282 +7,38 @@ in ``lightning.pytorch``'s strategy registry and, when installed, in ``pytorch_l
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
-from dataclasses import fields
 from datetime import timedelta
 from typing import Any, Literal, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning_utilities.core.rank_zero import rank_zero_warn
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_compress import report
-from lightning_compress.callbacks import CompressionMonitor, _make_pytorch_lightning_monitor
-from lightning_compress.compressors import COMPRESSORS
-from lightning_compress.config import FEEDBACKS, MOMENTUM_MODES, TRANSPORTS, CompressionConfig
-from lightning_compress.hook import register_compression
-from lightning_compress.momentum import attach_optimizer
-from lightning_compress.state import CompressionState
+from lightning_compress import fabric as _fabric  # noqa: F401  (registers the Fabric names with this module's)
+from lightning_compress.callbacks import CompressionMonitor, _GraVACMixin, _make_pytorch_lightning_monitor
+from lightning_compress.config import CompressionConfig
+from lightning_compress.integration import (
+    CHECKPOINT_KEY,
+    CompressorName,
+    FeedbackName,
+    MomentumMode,
+    TransportName,
+    build_config,
+    config_options,
+    current_scale,
+    register_names,
+)
+from lightning_compress.strategy_base import _CompressionCore
 
 __all__ = ["CHECKPOINT_KEY", "CompressedDDPStrategy", "CompressedDDPStrategyPL", "build_config"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "lightning_compress"
-_FIELDS = tuple(f.name for f in fields(CompressionConfig))
-_DEFAULTS = {f.name: f.default for f in fields(CompressionConfig)}
-# The choices, as types that signatures show (help(), IDEs, LightningCLI).
-CompressorName = Literal[tuple(COMPRESSORS)]  # type: ignore[valid-type]
-FeedbackName = Literal[FEEDBACKS]  # type: ignore[valid-type]
-TransportName = Literal[TRANSPORTS]  # type: ignore[valid-type]
-MomentumMode = Literal[MOMENTUM_MODES]  # type: ignore[valid-type]
-_COMM_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper")
 # DistributedDataParallel's defaults of the options the Trainer strategy names in its signature.
 _DDP_DEFAULTS = dict(find_unused_parameters=False, static_graph=False, gradient_as_bucket_view=False,
                      bucket_cap_mb=None, broadcast_buffers=True)  # fmt: skip
-_OWN_ARGS = ("compression", "save_compression_memory", "log_compression_stats")
-_NAMES = (
-    ("compressed_ddp", "popen"),
-    ("compressed_ddp_spawn", "spawn"),
-    ("compressed_ddp_fork", "fork"),
-    ("compressed_ddp_notebook", "fork"),
-)
-
-
-def build_config(
-    compression: CompressionConfig | Mapping[str, Any] | str | None = None, **options: Any
-) -> CompressionConfig:
-    """A validated :class:`CompressionConfig` from a base (config, dict or ``"k=v,..."``) and field overrides.
-
-    ``None`` values in ``options`` mean "not given"; given fields override the base.
-
-    Example::
-
-        >>> build_config("compressor=topk", density=0.1, feedback="ef21").density
-        0.1
-    """
-    unknown = sorted(set(options) - set(_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown compression option(s) {unknown}; allowed: {sorted(_FIELDS)}")
-    if compression is None:
-        base: dict[str, Any] = {}
-    elif isinstance(compression, CompressionConfig):
-        base = compression.to_dict()
-    elif isinstance(compression, str):
-        base = CompressionConfig.from_string(compression).to_dict()
-    elif isinstance(compression, Mapping):
-        base = CompressionConfig.from_dict(compression).to_dict()
-    else:
-        raise TypeError(
-            f"`compression` must be a CompressionConfig, a dict or a 'key=value,...' string; "
-            f"got {type(compression).__name__}"
-        )
-    base.update({k: v for k, v in options.items() if v is not None})
-    return CompressionConfig.from_dict(base)
-
-
-def _ddp_keywords() -> tuple[str, ...]:
-    """What ``DistributedDataParallel`` takes besides the module (DDP strategies hand their extra keywords to it)."""
-    params = inspect.signature(DistributedDataParallel.__init__).parameters
-    return tuple(n for n, p in params.items() if n not in ("self", "module") and p.kind == p.POSITIONAL_OR_KEYWORD)
-
-
-def _check_ddp_keywords(strategy: str, ddp_kwargs: Mapping[str, Any]) -> None:
-    """Refuse a keyword neither the strategy nor DDP knows, here, instead of a TypeError inside every worker."""
-    known_ddp = (*_ddp_keywords(), *_COMM_HOOK_ARGS)
-    unknown = [key for key in ddp_kwargs if key not in known_ddp]
-    if not unknown:
-        return
-    ours = (*_FIELDS, *_OWN_ARGS)
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, ours, n=1, cutoff=0.6) or difflib.get_close_matches(key, known_ddp, n=1)
-        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
-    raise TypeError(
-        f"{strategy} got unknown keyword(s) {', '.join(hints)}. Its compression options are {', '.join(ours)}; "
-        "other keywords go to torch's DistributedDataParallel (e.g. bucket_cap_mb, find_unused_parameters, "
-        "static_graph). Fix the spelling or drop the keyword."
-    )
-
-
-def _given(compression: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword options that override ``compression``: all of them without a base, else those off their default."""
-    if compression is None:
-        return dict(options)
-    return {k: v for k, v in options.items() if v != _DEFAULTS[k] or type(v) is not type(_DEFAULTS[k])}
-
-
-class _CompressionCore:
-    """Framework-neutral compression bookkeeping of a strategy (Trainer and Fabric)."""
-
-    def _init_compression(
-        self,
-        compression: Any,
-        options: dict[str, Any],
-        save_compression_memory: bool,
-        log_compression_stats: bool,
-        ddp_kwargs: dict[str, Any],
-    ) -> None:
-        _check_ddp_keywords(type(self).__name__, ddp_kwargs)
-        given = sorted(k for k in _COMM_HOOK_ARGS if ddp_kwargs.get(k) is not None)
-        if given:
-            raise ValueError(
-                f"{type(self).__name__} registers its own DDP comm hook (compressed exchange); it cannot also take "
-                f"{given}. Use `DDPStrategy({given[0]}=...)` for a custom hook, or drop it."
-            )
-        if not isinstance(save_compression_memory, bool):
-            raise TypeError(f"`save_compression_memory` must be bool; got {save_compression_memory!r}")
-        self._compression = build_config(compression, **_given(compression, options))
-        self._save_compression_memory = save_compression_memory
-        self._log_compression_stats = log_compression_stats
-        self._compression_state: CompressionState | None = None
-        self._compressed_module: Any = None
-        self._hook_active = False
-        self._loaded_compression: dict[str, Any] | None = None
-        self._started_at_step: int | None = None  # stats.steps when the start line was printed
-
-    # ----- public -----------------------------------------------------------------------------
-    @property
-    def compression_config(self) -> CompressionConfig:
-        """The :class:`CompressionConfig` that runs: the one this strategy registers, and once registered the
-        state's (a controller's ``density``/``bits`` restored from a checkpoint included)."""
-        state = self._compression_state
-        return state.config if state is not None else self._compression
-
-    @property
-    def compressed_module(self) -> Any:
-        """The module DDP wraps (the state's parameter names are its names) once registered; else ``None``."""
-        return self._compressed_module
-
-    @property
-    def compression_state(self) -> CompressionState | None:
-        """This rank's :class:`CompressionState` (stats, memory) once the DDP model is wrapped; else ``None``."""
-        return self._compression_state
-
-    # ----- lifecycle --------------------------------------------------------------------------
-    def _add_monitor(self, trainer: Any) -> None:
-        if not self._log_compression_stats or self._monitor_cls is None:
-            return
-        if not any(isinstance(cb, self._monitor_cls) for cb in trainer.callbacks):
-            log.debug(f"{type(self).__name__}: adding {self._monitor_cls.__name__}")
-            trainer.callbacks.append(self._monitor_cls())
-
-    def _register_compression_hook(self, model: Any) -> CompressionState:
-        # Stock DDP strategies register comm hooks on CUDA only; compressed exchange must run on gloo too.
-        log.debug(f"{type(self).__name__}: registering compressed gradient exchange ({self._compression})")
-        if not isinstance(model, DistributedDataParallel):
-            raise RuntimeError(f"{type(self).__name__}: expected a DistributedDataParallel model to register on")
-        self._compression_state = register_compression(
-            model, self._compression, process_group=self._ddp_kwargs.get("process_group")
-        )
-        self._compressed_module = model.module
-        self._hook_active = True
-        self._apply_loaded_compression()
-        state = self._compression_state
-        if state.world_size == 1:
-            rank_zero_warn(
-                f"lightning_compress: {type(self).__name__} runs on 1 process: there is no gradient exchange, so "
-                "compression saves no bytes (nothing is sent). The compressor and its error feedback still run and "
-                "change training as they would on several processes. Compression pays with several processes "
-                "(devices > 1 or num_nodes > 1); for one, a single-device strategy does the same work without it."
-            )
-        return state
-
-    def _say_start(self, model: Any, gravac_theta_min: float | None = None) -> None:
-        """Rank 0 prints the settings that run and the bytes a step is expected to send (several processes only)."""
-        state = self._compression_state
-        if state is None or self._started_at_step is not None:
-            return
-        self._started_at_step = state.stats.steps
-        if state.rank != 0 or state.world_size == 1:
-            return
-        module = getattr(model, "module", model)
-        params = [(n, p.shape, p.element_size()) for n, p in module.named_parameters() if p.requires_grad]
-        report.report_logger.info(
-            report.start_line("lightning-compress", state.config, params, state.world_size, gravac_theta_min,
-                              None if gravac_theta_min is not None else state.transport)  # fmt: skip
-        )
-
-    def _say_end(self) -> None:
-        """Rank 0 prints the run's summary when this run took steps (several processes only)."""
-        state, started = self._compression_state, self._started_at_step
-        self._started_at_step = None
-        if state is None or started is None or state.stats.steps <= started:
-            return
-        if state.rank == 0 and state.world_size > 1:
-            report.report_logger.info(report.end_line("lightning-compress", state))
-
-    def _attach_optimizers(self, optimizers: list[Any]) -> None:
-        """Move the (single) optimizer's momentum into the exchange, as ``config.momentum`` says."""
-        state = self._compression_state
-        if state is None or state.momentum is not None or not optimizers:
-            return
-        unwrapped = [getattr(o, "optimizer", o) for o in optimizers]  # LightningOptimizer, _FabricOptimizer
-        if len(unwrapped) > 1:
-            if state.config.momentum in ("lookahead", "heavy_ball"):
-                raise ValueError(
-                    f"`momentum={state.config.momentum!r}` moves one optimizer's momentum into the exchange; this run "
-                    f"has {len(unwrapped)} optimizers. Use `momentum='optimizer'` (or 'auto', which then keeps it)."
-                )
-            log.info("lightning_compress: %d optimizers; their momentum stays in them", len(unwrapped))
-            return
-        attach_optimizer(state, unwrapped[0])
-
-    def _detach_optimizers(self) -> None:
-        state = self._compression_state
-        if state is not None and state.momentum is not None:
-            state.momentum.detach()
-
-    def _apply_loaded_compression(self) -> None:
-        blob, state = self._loaded_compression, self._compression_state
-        if blob is None or state is None:
-            return
-        self._loaded_compression = None
-        ranks = blob["ranks"]
-        saved_world = int(blob["world_size"])
-        if saved_world != state.world_size:
-            rank_zero_warn(
-                f"lightning_compress: the checkpoint holds compression state for {saved_world} ranks but this run has "
-                f"{state.world_size}; step and settings are restored, residuals and shifts start from zero "
-                "(training continues, but not bit-for-bit)."
-            )
-        log.debug(f"{type(self).__name__}: restoring compression state of rank {state.rank}")
-        state.load_state_dict(ranks[min(state.rank, len(ranks) - 1)])
-
-    def _gather_compression(self) -> dict[str, Any] | None:
-        state = self._compression_state
-        if state is None:
-            return None
-        sd = state.state_dict()
-        if not self._save_compression_memory:
-            sd["memory"], sd["server_memory"] = {}, {}
-        # CPU copies: a pickled CUDA tensor would unpickle on the sender's device index on rank 0.
-        sd["memory"] = {n: {k: t.cpu() for k, t in m.items()} for n, m in sd["memory"].items()}
-        sd["server_memory"] = {n: t.cpu() for n, t in sd["server_memory"].items()}
-        # Velocities are the optimizer's momentum: kept even without memory, as an optimizer state is.
-        sd["velocity"] = {n: t.cpu() for n, t in sd["velocity"].items()}
-        group = state.process_group
-        if state.world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[Any] | None = [None] * state.world_size if state.rank == 0 else None
-            dst = dist.get_global_rank(group, 0) if group is not None else 0
-            dist.gather_object(sd, gathered, dst=dst, group=group)
-        else:
-            gathered = [sd]
-        if state.rank != 0:
-            return None
-        return {
-            "format": 1,
-            "world_size": state.world_size,
-            "config": state.config.to_dict(),
-            "memory_saved": self._save_compression_memory,
-            "ranks": gathered,
-        }
 
 
 class _CompressedDDPMixin(_CompressionCore):
@@ -323,11 +79,7 @@ class _CompressedDDPMixin(_CompressionCore):
         broadcast_buffers: bool = True,
         **kwargs: Any,
     ) -> None:
-        options = dict(
-            compressor=compressor, density=density, bits=bits, feedback=feedback, transport=transport,
-            warmup_steps=warmup_steps, min_numel=min_numel, block_size=block_size, seed=seed,
-            diana_alpha=diana_alpha, dgc_sample_fraction=dgc_sample_fraction, momentum=momentum,
-        )  # fmt: skip
+        options = config_options(locals())  # the CompressionConfig fields among the arguments
         # The common DDP options are named (tools read them); the others pass through `kwargs`. Only values off
         # DDP's defaults are handed on. `ddp_kwargs` is a new dict on purpose: LightningCLI follows a `**kwargs`
         # handed to the parent into DDPStrategy's signature, and would offer (and pass) `ddp_comm_hook` and
@@ -366,14 +118,9 @@ class _CompressedDDPMixin(_CompressionCore):
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         scaler = getattr(self.precision_plugin, "scaler", None)
-        before = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+        before = current_scale(scaler)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if before is not None and self._compression_state is not None:
-            after = scaler.get_scale()
-            if after != before:
-                # Memory holds loss-scaled gradients: keep it in the units the next backward uses,
-                # or every scale change (growth, or a skipped overflow step) would poison it.
-                _rescale_memory(self._compression_state, after / before)
+        self._follow_loss_scale(scaler, before)
         return output
 
     @override
@@ -391,64 +138,36 @@ class _CompressedDDPMixin(_CompressionCore):
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         # DDP restores before setup: stash the state and apply it when the hook is registered.
-        self._loaded_compression = checkpoint.get(CHECKPOINT_KEY)
-        if self._loaded_compression is not None:
+        blob = checkpoint.get(CHECKPOINT_KEY)
+        if blob is not None:
             log.debug(f"{type(self).__name__}: compression state found in {checkpoint_path}")
-        if self._hook_active:  # strategies that restore after setup
-            self._apply_loaded_compression()
+        self._stash_loaded_compression(blob)
         return checkpoint
 
     @override
     def teardown(self) -> None:
         log.debug(f"{type(self).__name__}: tearing down (compression state kept for inspection)")
-        self._say_end()
-        self._loaded_compression = None
-        self._hook_active = False
-        self._detach_optimizers()
+        self._end_compression()
         super().teardown()
 
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        _register_names(cls, strategy_registry)
+        register_names(cls, strategy_registry, _CLASS_PATHS)
 
 
-def _register_names(cls: type, strategy_registry: Any, class_paths: tuple[str, ...] | None = None) -> None:
-    """The short names, and the class paths: LightningCLI hands ``--trainer.strategy=lightning_compress.
-    CompressedDDPStrategy`` without init arguments over as a plain string, which must resolve too."""
-    for name, start_method in _NAMES:
-        strategy_registry.register(
-            name,
-            cls,
-            description=f"lightning_compress: DDP with compressed gradients, start_method '{start_method}'",
-            override=True,  # re-import/reload must not fail
-            start_method=start_method,
-        )
-    for path in _CLASS_PATHS if class_paths is None else class_paths:
-        for key in dict.fromkeys((path, path.lower())):  # Lightning lowercases the string before the look-up
-            strategy_registry.register(
-                key, cls, description="lightning_compress: DDP with compressed gradients (class path)", override=True
-            )
-
-
+#: The class paths LightningCLI may hand over as strings.
 _CLASS_PATHS = ("lightning_compress.CompressedDDPStrategy", "lightning_compress.strategy.CompressedDDPStrategy")
 
 
 def _gravac_theta_min(trainer: Any, config: CompressionConfig) -> float | None:
     """The factor a GraVAC callback among the trainer's starts at; ``None`` without one."""
-    from lightning_compress.callbacks import _GraVACMixin
-
     for cb in trainer.callbacks:
         if isinstance(cb, _GraVACMixin):
             if cb.theta_min is not None:
                 return float(cb.theta_min)
             return 32.0 / 9.0 if config.compressor == "qsgd" else 10.0
     return None
-
-
-def _rescale_memory(state: CompressionState, factor: float) -> None:
-    log.debug(f"lightning_compress: loss scale changed, rescaling compression memory by {factor}")
-    state.rescale_memory(factor)
 
 
 class CompressedDDPStrategy(_CompressedDDPMixin, DDPStrategy):
@@ -512,5 +231,3 @@ def _make_pytorch_lightning_strategy() -> type | None:
 
 CompressedDDPStrategyPL = _make_pytorch_lightning_strategy()
 
-# The Fabric names register with this module, so `import lightning_compress` gives both.
-from lightning_compress import fabric as _fabric  # noqa: E402,F401  (import cycle: fabric needs the core above)
