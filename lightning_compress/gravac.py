@@ -81,19 +81,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Sequence
+
+from lightning_compress.gravac_checkpoint import ControllerCheckpointing
+from lightning_compress.gravac_params import EVENTS, SCALINGS, _finite, check_parameters
 
 __all__ = ["GraVACController", "Plan", "SCALINGS", "EVENTS"]
-
-SCALINGS = ("exponential", "geometric")
-#: window-end events, most notable first (``last_event`` reports the first that occurred)
-EVENTS = ("settle", "promote", "cap", "scale")
-
-_DEFAULT_THETA_MAX = {"exponential": 1000.0, "geometric": 2000.0}
-_DEFAULT_WINDOW = {"exponential": 500, "geometric": 2000}
-_STATE_VERSION = 1
-#: configuration a restored state must agree with (``beta`` follows the current world size)
-_CHECKED_CONFIG = ("scaling", "epsilon", "omega", "window", "theta_max", "ladder")
 
 
 @dataclass(frozen=True)
@@ -116,25 +109,7 @@ class Plan:
     candidate_cf: float
 
 
-def _finite(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a real number; got {type(value).__name__} {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"`{name}` must be finite; got {number!r}")
-    return number
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int; got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}; got {value!r}")
-    return value
-
-
-class GraVACController:
+class GraVACController(ControllerCheckpointing):
     """GraVAC's compression-factor schedule (see the module docstring for the full semantics).
 
     Args:
@@ -172,64 +147,19 @@ class GraVACController:
         world_size: int = 1,
         ladder: Sequence[float] | None = None,
     ) -> None:
-        if scaling not in SCALINGS:
-            raise ValueError(f"`scaling` must be one of {SCALINGS}; got {scaling!r}")
-        epsilon = _finite("epsilon", epsilon)
-        if not 0.0 < epsilon <= 1.0:
-            raise ValueError(f"`epsilon` is the gain a CF needs and must be in (0, 1]; got {epsilon!r}")
-        omega = _finite("omega", omega)
-        if omega < 0.0:
-            raise ValueError(f"`omega` is a tolerance and must be >= 0; got {omega!r}")
-        window = _integer("window", _DEFAULT_WINDOW[scaling] if window is None else window, 1)
-        world_size = _integer("world_size", world_size, 1)
-        if ewma is None:
-            beta = min(1.0, world_size / 100.0)
-        else:
-            beta = _finite("ewma", ewma)
-            if not 0.0 < beta <= 1.0:
-                raise ValueError(f"`ewma` is the weight of a new sample and must be in (0, 1]; got {beta!r}")
-
-        steps: tuple[float, ...] | None = None
-        if ladder is not None:
-            steps = tuple(_finite("ladder entry", x) for x in ladder)
-            if not steps:
-                raise ValueError("`ladder` must hold at least one CF")
-            if steps[0] < 1.0:
-                raise ValueError(f"`ladder` entries are CFs and must be >= 1; got {steps[0]!r}")
-            if any(b <= a for a, b in zip(steps, steps[1:])):
-                raise ValueError(f"`ladder` must be strictly increasing; got {list(steps)!r}")
-
-        if theta_min is None:
-            theta_min = steps[0] if steps is not None else 10.0
-        theta_min = _finite("theta_min", theta_min)
-        if theta_min < 1.0:
-            raise ValueError(f"`theta_min` is a CF and must be >= 1; got {theta_min!r}")
-        if theta_max is None:
-            theta_max = steps[-1] if steps is not None else _DEFAULT_THETA_MAX[scaling]
-        theta_max = _finite("theta_max", theta_max)
-
-        min_index: int | None = None
-        top = 0
-        if steps is not None:
-            below = [i for i, x in enumerate(steps) if x <= theta_min]
-            min_index = below[-1] if below else 0
-            theta_min = steps[min_index]
-            usable = [i for i, x in enumerate(steps) if x <= theta_max]
-            top = usable[-1] if usable else -1
-        if theta_max < theta_min or top < (min_index or 0):
-            raise ValueError(f"`theta_max` must be >= `theta_min` ({theta_min!r}); got {theta_max!r}")
-
-        self._scaling = scaling
-        self._epsilon = epsilon
-        self._omega = omega
-        self._window = window
-        self._theta_max = theta_max
-        self._beta = beta
-        self._ladder = steps
-        self._top = top
+        p = check_parameters(theta_min=theta_min, theta_max=theta_max, epsilon=epsilon, omega=omega, window=window,
+                             scaling=scaling, ewma=ewma, world_size=world_size, ladder=ladder)  # fmt: skip
+        self._scaling = p.scaling
+        self._epsilon = p.epsilon
+        self._omega = p.omega
+        self._window = p.window
+        self._theta_max = p.theta_max
+        self._beta = p.beta
+        self._ladder = p.ladder
+        self._top = p.top
         # schedule state
-        self._theta_min = theta_min
-        self._min_index = min_index
+        self._theta_min = p.theta_min
+        self._min_index = p.min_index
         self._theta_s = 2.0
         self._settled: float | None = None
         self._ewma_min: float | None = None
@@ -439,107 +369,6 @@ class GraVACController:
         elif candidate != old_candidate:
             self._ewma_candidate = None
         self._events = tuple(events)
-
-    # ------------------------------------------------------------------ checkpointing
-    def _config(self) -> dict[str, Any]:
-        return {
-            "scaling": self._scaling,
-            "epsilon": self._epsilon,
-            "omega": self._omega,
-            "window": self._window,
-            "theta_max": self._theta_max,
-            "ladder": None if self._ladder is None else list(self._ladder),
-            "beta": self._beta,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a fresh controller needs to continue with the same plans; JSON-able."""
-        return {
-            "version": _STATE_VERSION,
-            "config": self._config(),
-            "theta_min": self._theta_min,
-            "theta_s": self._theta_s,
-            "settled_cf": self._settled,
-            "gain_min": self._ewma_min,
-            "gain_candidate": self._ewma_candidate,
-            "steps": self._steps,
-            "last_sent_cf": self._last_sent,
-            "throughput": [[cf, self._tc_sum[cf], self._tc_count[cf]] for cf in sorted(self._tc_sum)],
-            "events": list(self._events),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Adopt a saved schedule state (``theta_min``, ``theta_s``, EWMAs, throughputs, ...).
-
-        The saved ``scaling``, ``epsilon``, ``omega``, ``window``, ``theta_max`` and ``ladder``
-        must equal this controller's; the EWMA weight ``beta`` stays this controller's (it
-        follows the current world size). Nothing changes if the state is rejected.
-
-        Raises:
-            ValueError: the state is malformed, or its configuration differs (the message
-                names the field).
-        """
-        try:
-            version = state["version"]
-            config = state["config"]
-            if version != _STATE_VERSION:
-                raise ValueError(f"GraVAC state version {version!r} is not supported (expected {_STATE_VERSION})")
-            mine = self._config()
-            for name in _CHECKED_CONFIG:
-                saved = config[name]
-                if name == "ladder" and saved is not None:
-                    saved = [float(x) for x in saved]
-                if saved != mine[name]:
-                    raise ValueError(
-                        f"GraVAC state was saved with {name}={saved!r} but this controller has {name}={mine[name]!r}"
-                    )
-            theta_min = _finite("theta_min", state["theta_min"])
-            theta_s = _finite("theta_s", state["theta_s"])
-            settled, ewma_min, ewma_candidate = (
-                None if state[key] is None else _finite(key, state[key])
-                for key in ("settled_cf", "gain_min", "gain_candidate")
-            )
-            steps = _integer("steps", state["steps"], 0)
-            last_sent = _finite("last_sent_cf", state["last_sent_cf"])
-            tc_sum: dict[float, float] = {}
-            tc_count: dict[float, int] = {}
-            for cf, total, count in state["throughput"]:
-                cf = _finite("throughput CF", cf)
-                tc_sum[cf] = _finite("throughput sum", total)
-                tc_count[cf] = _integer("throughput count", count, 1)
-            events = tuple(str(e) for e in state["events"])
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"malformed GraVAC state: {err!r}") from None
-
-        if not 1.0 <= theta_min <= self._theta_max:
-            raise ValueError(f"GraVAC state has theta_min={theta_min!r} outside [1, theta_max={self._theta_max!r}]")
-        if theta_s < 2.0 or math.log2(theta_s) != round(math.log2(theta_s)):
-            raise ValueError(f"GraVAC state has theta_s={theta_s!r}, not a power of two >= 2")
-        if settled is not None and not theta_min <= settled <= self._theta_max:
-            raise ValueError(f"GraVAC state has settled_cf={settled!r} outside [theta_min, theta_max]")
-        if last_sent < 1.0 or any(cf < 1.0 for cf in tc_sum):
-            raise ValueError("GraVAC state has a CF below 1")
-        if steps > 0 and ewma_min is None:
-            raise ValueError("GraVAC state has observations but no gain_min EWMA")
-        if any(e not in EVENTS for e in events):
-            raise ValueError(f"GraVAC state has unknown events {events!r}")
-        min_index = None
-        if self._ladder is not None:
-            if theta_min not in self._ladder or (settled is not None and settled not in self._ladder):
-                raise ValueError(f"GraVAC state has CFs that are not ladder entries: {theta_min!r}, {settled!r}")
-            min_index = self._ladder.index(theta_min)
-
-        self._theta_min = theta_min
-        self._min_index = min_index
-        self._theta_s = theta_s
-        self._settled = settled
-        self._ewma_min = ewma_min
-        self._ewma_candidate = ewma_candidate
-        self._steps = steps
-        self._last_sent = last_sent
-        self._tc_sum = tc_sum
-        self._tc_count = tc_count
-        self._events = events
 
     def __repr__(self) -> str:
         def fmt(x: float | None) -> str:
