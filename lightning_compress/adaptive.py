@@ -225,8 +225,5 @@ def attach_gravac(state, controller: GraVACController | None = None, **kwargs) -
             kwargs.setdefault("ladder", qsgd_ladder())
         controller = GraVACController(**kwargs)
     run = AdaptiveRun(controller, state)
-    if state._adaptive_saved is not None:  # a checkpoint was loaded before the controller existed
-        controller.load_state_dict(state._adaptive_saved)
-        state._adaptive_saved = None
-    state.adaptive = run
+    state.attach_adaptive(run)  # with the controller state a checkpoint loaded before it existed
     return run
