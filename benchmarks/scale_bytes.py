@@ -60,7 +60,7 @@ class Counter:
         self.sent, self.on = 0.0, False
 
     def install(self) -> None:
-        import lightning_compress.transport as transport
+        import lightning_compress.collectives as collectives
 
         n = dist.get_world_size()
         factors = {"all_reduce": 2.0 * (n - 1) / n, "all_gather_into_tensor": float(n - 1),
@@ -78,8 +78,8 @@ class Counter:
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counted)
-            if transport._all_gather_single is original:  # bound at import, under either name
-                transport._all_gather_single = counted
+            if collectives._all_gather_single is original:  # bound at import, under either name
+                collectives._all_gather_single = counted
 
 
 def worker(rank: int, world: int, port: int, configs: list[str], steps: int, out: str) -> None:

@@ -222,10 +222,7 @@ def attach_optimizer(state, optimizer: torch.optim.Optimizer) -> ExchangeMomentu
     if mode == "optimizer":
         return None
     attached = ExchangeMomentum(state, optimizer, mode)
-    if state._momentum_saved is not None:
-        attached.load_state_dict(state._momentum_saved)
-        state._momentum_saved = None
-    state.momentum = attached
+    state.attach_momentum(attached)
     if state.rank == 0:
         log.info("lightning_compress: %s momentum moved into the exchange (%s)", type(optimizer).__name__, mode)
     return attached

@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 
 from lightning_compress.adaptive_link import AdaptiveLink
+from lightning_compress.collectives import Collectives
 from lightning_compress.config import TWO_PASS_FROM, CompressionConfig
 from lightning_compress.exchange import StepPipeline
 from lightning_compress.feedback import make_feedback
 from lightning_compress.state_checkpoint import STATE_FORMAT, StateCheckpointing  # noqa: F401  (re-exported)
 from lightning_compress.stats import CompressionStats
-from lightning_compress.transport import Collectives
 
 __all__ = ["CompressionState", "CompressionStats", "mix_seed"]
 
@@ -157,6 +157,17 @@ class CompressionState(StateCheckpointing):
             run.controller.load_state_dict(self._adaptive_saved)
             self._adaptive_saved = None
         self.adaptive = run
+
+    def attach_momentum(self, momentum: Any) -> None:
+        """Carry ``momentum`` (an :class:`~lightning_compress.momentum.ExchangeMomentum`) in this exchange.
+
+        Momentum settings that :meth:`load_state_dict` brought before any optimizer was attached go to
+        ``momentum`` first (and are then forgotten); later checkpoints save and restore them there.
+        """
+        if self._momentum_saved is not None:  # a checkpoint was loaded before the optimizer was attached
+            momentum.load_state_dict(self._momentum_saved)
+            self._momentum_saved = None
+        self.momentum = momentum
 
     def _set_config(self, config: CompressionConfig) -> None:
         self.config = config
