@@ -23,13 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+def _entry(rank: int, world_size: int, port: int, collective_timeout: float, quiet: bool, fn, args) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    warnings.simplefilter("ignore", UserWarning)
+    if quiet:
+        warnings.simplefilter("ignore", UserWarning)
     # A collective that never completes fails the test after this long instead of gloo's 30 minutes.
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
+    timeout = datetime.timedelta(seconds=collective_timeout)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     try:
         fn(rank, world_size, *args)
     except BaseException:
@@ -42,14 +44,21 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     dist.destroy_process_group()
 
 
-def run_distributed(fn, *args, world_size: int = 2, timeout: float = 900.0) -> None:
+def run_distributed(
+    fn,
+    *args,
+    world_size: int = 2,
+    timeout: float = 900.0,
+    collective_timeout: float = COLLECTIVE_TIMEOUT,
+    quiet: bool = True,
+) -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; a failure in any rank raises.
 
-    Ranks still running after ``timeout`` seconds are killed and the call raises ``TimeoutError``.
+    Ranks still running after ``timeout`` seconds are killed and the call raises ``TimeoutError``;
+    a collective fails after ``collective_timeout`` seconds. ``quiet``: the ranks ignore UserWarnings.
     """
-    context = mp.start_processes(
-        _entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=False, start_method="spawn"
-    )
+    entry_args = (world_size, free_port(), collective_timeout, quiet, fn, args)
+    context = mp.start_processes(_entry, args=entry_args, nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=2.0):  # raises as soon as a rank fails
         if time.monotonic() > deadline:

@@ -7,54 +7,26 @@ deadline, so a regression fails instead of hanging. Assertions run inside the wo
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lightning_compress import CompressionConfig, CompressionState, attach_optimizer, register_compression
-from tests._dist import free_port, gather_flat
+from tests._dist import free_port, gather_flat, run_distributed
 
 BASE = dict(block_size=32, min_numel=64)
 
 
-# ----- a bounded launcher -------------------------------------------------------------------------
-def _bounded_entry(rank, world_size, port, pg_timeout_s, fn, args):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s)
-    )
-    try:
-        fn(rank, world_size, *args)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def run_bounded(fn, *args, pg_timeout_s: int = 60, deadline_s: int = 240) -> None:
-    """``fn(rank, 2, *args)`` on 2 gloo ranks; fails (never hangs) if a rank fails or runs past ``deadline_s``."""
-    ctx = mp.spawn(_bounded_entry, args=(2, free_port(), pg_timeout_s, fn, args), nprocs=2, join=False)
-    deadline = time.monotonic() + deadline_s
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise AssertionError(f"{fn.__name__} still running after {deadline_s} s: a hang")
+    """``fn(rank, 2, *args)`` on 2 gloo ranks, warnings shown; fails (never hangs) if a rank fails or runs past ``deadline_s``."""
+    run_distributed(fn, *args, timeout=deadline_s, collective_timeout=pg_timeout_s, quiet=False)
 
 
 def _exit_now() -> None:
