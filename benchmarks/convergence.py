@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import warnings
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The repository's own package first (over an installed one), then the examples and this folder.
 sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(Path(__file__).resolve().parent)]
 
-from _machine import cpu_model  # noqa: E402
+from _machine import cpu_model, free_port  # noqa: E402
 from digits_data import accuracy, digits, make_mlp  # noqa: E402
 
 DENSE = "dense"
@@ -217,11 +216,6 @@ def plot(runs: list[dict], args, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> None:

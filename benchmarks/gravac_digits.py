@@ -16,7 +16,6 @@ import argparse
 import csv
 import os
 import platform
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -28,14 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 import lightning_digits as ex  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
+from _machine import free_port  # noqa: E402
 from lightning_compress import CompressedDDPStrategy, GraVAC  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 KEYS = ("gravac/cf", "gravac/gain_min", "gravac/gain_candidate", "gravac/candidate_cf", "gravac/theta_min")
 

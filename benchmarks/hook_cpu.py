@@ -21,7 +21,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 # The repository's own package first (over an installed one), then this folder.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from _machine import cpu_model  # noqa: E402
+from _machine import cpu_model, free_port  # noqa: E402
 from _models import make_model, random_batches  # noqa: E402
 
 DEFAULT_CONFIGS = (
@@ -166,11 +165,6 @@ def report(rows: list[dict], args, world: int) -> str:
         )
     return "\n".join(lines) + "\n"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> None:

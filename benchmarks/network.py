@@ -52,7 +52,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 WORKER = ROOT / "benchmarks" / "network_worker.py"
 
-from _machine import cpu_model  # noqa: E402  (this folder, on sys.path when run as a script)
+from _machine import cpu_model, free_port  # noqa: E402  (this folder, on sys.path when run as a script)
 
 RESULTS = ROOT / "benchmarks" / "results"
 PREFIX = "lcbench_"
@@ -291,11 +290,6 @@ def next_port() -> int:
     _PORT[0] += 1
     return _PORT[0]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def error_from_log(path: Path) -> str:

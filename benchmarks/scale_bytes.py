@@ -23,7 +23,6 @@ import datetime
 import gc
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from _machine import cpu_model  # noqa: E402
+from _machine import cpu_model, free_port  # noqa: E402
 from _models import random_batches  # noqa: E402
 
 DEFAULT_CONFIGS = (
@@ -126,11 +125,6 @@ def worker(rank: int, world: int, port: int, configs: list[str], steps: int, out
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> None:
