@@ -175,32 +175,21 @@ def plot(series: Series, out: str | os.PathLike, title: str | None = None) -> Pa
         raise RuntimeError("drawing the plot needs matplotlib: pip install matplotlib") from None
 
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    ax = axes[0]
-    if sent:
-        ax.plot(*zip(*sent), label="sent by this rank")
-        ratios = dict(ratio)
-        dense = [(s, v * ratios[s]) for s, v in sent if s in ratios]
-        if dense:
-            ax.plot(*zip(*dense), label="dense DDP would send", linestyle="--")
-        ax.legend()
-    ax.set_ylabel("bytes per step")
-    ax = axes[1]
-    if gain:
-        ax.plot(*zip(*gain), label="compression/gain")
-    if gravac_gain:
-        ax.plot(*zip(*gravac_gain), label="gravac/gain", linestyle="--")
-    ax.set_ylabel("gain 1 - |C(v)-v|^2/|v|^2")
-    if gain or gravac_gain:
-        ax.legend()
-    ax = axes[2]
-    if ratio:
-        ax.plot(*zip(*ratio), label="compression/ratio (bytes on the wire)")
-    if cf:
-        ax.plot(*zip(*cf), label="gravac/cf (elements kept)", linestyle="--")
-    ax.set_ylabel("x fewer than dense")
-    ax.set_xlabel("step")
-    if ratio or cf:
-        ax.legend()
+    ratios = dict(ratio)
+    dense = [(s, v * ratios[s]) for s, v in sent if s in ratios]
+    panels = (
+        ("bytes per step", (sent, "sent by this rank"), (dense, "dense DDP would send")),
+        ("gain 1 - |C(v)-v|^2/|v|^2", (gain, "compression/gain"), (gravac_gain, "gravac/gain")),
+        ("x fewer than dense", (ratio, "compression/ratio (bytes on the wire)"), (cf, "gravac/cf (elements kept)")),
+    )
+    for ax, (ylabel, solid, dashed) in zip(axes, panels):
+        for (points, label), style in ((solid, "-"), (dashed, "--")):
+            if points:
+                ax.plot(*zip(*points), label=label, linestyle=style)
+        if solid[0] or dashed[0]:
+            ax.legend()
+        ax.set_ylabel(ylabel)
+    axes[2].set_xlabel("step")
     fig.suptitle(title or "compressed gradient exchange")
     fig.tight_layout()
     out = Path(out)
