@@ -4,7 +4,7 @@ Reads an optional ``compression:`` section from ``--config_file`` (Accelerate re
 section is stripped and the rest handed to ``accelerate launch`` unchanged), applies ``ACCELERATE_COMPRESSION``
 and the options on top -- one per :class:`~lightning_compress.CompressionConfig` field (``--compressor``,
 ``--density``, ``--bits``, ``--feedback``, ``--transport``, ``--warmup_steps``, ``--min_numel``, ``--block_size``,
-``--seed``, ``--diana_alpha``, ``--dgc_sample_fraction``, ``--momentum``) plus ``--adaptive`` and ``--gravac``
+``--seed``, ``--diana_alpha``, ``--dgc_sample_fraction``, ``--momentum``, ``--powersgd_rank``) plus ``--adaptive`` and ``--gravac``
 (options win over the file, the file over the environment) -- validates the result before any worker starts, and
 runs the script through :mod:`accelerate_compress._bootstrap`, which enables compression inside
 ``Accelerator.prepare_model``. The launcher says what was requested; rank 0 of the workers says what runs (or a
@@ -44,7 +44,7 @@ __all__ = ["main", "plan"]
 PROG = "accelerate-compress"
 # option -> (type, help): every CompressionConfig field (each sets the field of the same name), then GraVAC's.
 _FIELD_HELP: dict[str, str] = {
-    "compressor": "payload format: none, fp16, bf16, topk, dgc, randk, qsgd, terngrad, natural or sign",
+    "compressor": "payload format: none, fp16, bf16, topk, dgc, randk, qsgd, terngrad, natural, sign or powersgd",
     "density": "fraction of entries kept by topk/dgc/randk, in (0, 1]; lower compresses more",
     "bits": "magnitude bits of qsgd (1, 2, 4 or 8); lower compresses more",
     "feedback": "error compensation: none, ef, ef21, diana or doublesqueeze",
@@ -56,6 +56,7 @@ _FIELD_HELP: dict[str, str] = {
     "diana_alpha": "DIANA shift step size in (0, 1], or 'none' for 1 / (omega + 1)",
     "dgc_sample_fraction": "fraction of entries dgc (and topk) sample to find the threshold, in (0, 1]",
     "momentum": "where the optimizer's momentum lives: auto, lookahead, heavy_ball or optimizer",
+    "powersgd_rank": "rank r of powersgd's approximation (>= 1): an n x m gradient sends (n + m) r values",
 }
 _FIELD_TYPES: dict[str, type] = {
     f.name: float if f.name == "diana_alpha" else type(f.default) for f in dataclasses.fields(CompressionConfig)

@@ -29,7 +29,7 @@ class CompressionConfig:
     """Settings of the compressed gradient exchange, validated on construction.
 
     Args:
-        compressor: payload format, one of ``none fp16 bf16 topk dgc randk qsgd terngrad natural sign``.
+        compressor: payload format, one of ``none fp16 bf16 topk dgc randk qsgd terngrad natural sign powersgd``.
         density: fraction of entries kept by ``topk``/``dgc``/``randk``, in (0, 1]; lower compresses more.
         bits: magnitude bits of ``qsgd`` (1, 2, 4 or 8; a sign bit is added); lower compresses more.
         feedback: error compensation, one of ``none ef ef21 diana doublesqueeze``.
@@ -44,6 +44,8 @@ class CompressionConfig:
         diana_alpha: DIANA shift step size in (0, 1]; default ``1 / (omega + 1)``.
         dgc_sample_fraction: fraction of entries ``dgc`` samples to estimate its threshold (``topk``
             samples the same fraction, at least 4096 entries, to find its exact top-k faster).
+        powersgd_rank: rank ``r`` of ``powersgd``'s approximation (>= 1): an ``n x m`` gradient sends
+            ``(n + m) r`` values in two allreduces; higher is closer to dense and sends more.
         momentum: where an attached optimizer's momentum lives (see :mod:`lightning_compress.momentum`):
             ``lookahead`` moves it into the exchange and sends the Nesterov look-ahead (converges
             fastest under compression), ``heavy_ball`` moves it unchanged, ``optimizer`` leaves it
@@ -72,6 +74,7 @@ class CompressionConfig:
     diana_alpha: float | None = None
     dgc_sample_fraction: float = 0.01
     momentum: str = "auto"
+    powersgd_rank: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -100,6 +103,8 @@ class CompressionConfig:
             raise ValueError(f"`seed` must be >= 0; got {self.seed!r}")
         if self.diana_alpha is not None and not (0.0 < self.diana_alpha <= 1.0):
             raise ValueError(f"`diana_alpha` must be in (0, 1] or None; got {self.diana_alpha!r}")
+        if self.powersgd_rank < 1:
+            raise ValueError(f"`powersgd_rank` must be >= 1; got {self.powersgd_rank!r}")
         if not (0.0 < self.dgc_sample_fraction <= 1.0):
             raise ValueError(f"`dgc_sample_fraction` must be in (0, 1]; got {self.dgc_sample_fraction!r}")
         self._check_pairing()
@@ -128,7 +133,18 @@ class CompressionConfig:
                 UserWarning,
                 stacklevel=3,
             )
-        if self.transport == "allreduce" and not comp.summable:
+        if self.compressor == "powersgd" and self.feedback not in ("ef", "none"):
+            raise ValueError(
+                f"`compressor='powersgd'` keeps its error with `feedback='ef'` (or none with `'none'`); got "
+                f"`feedback={self.feedback!r}`. Its messages are summed by allreduce, so no server step "
+                "(doublesqueeze) is needed, and it is biased (not for diana)."
+            )
+        if self.compressor == "powersgd" and self.transport not in ("auto", "allreduce"):
+            raise ValueError(
+                f"`compressor='powersgd'` travels by two allreduces (of P, then of Q); got `transport={self.transport!r}`. "
+                "Use `transport='auto'` or `'allreduce'`."
+            )
+        if self.transport == "allreduce" and not comp.summable and self.compressor != "powersgd":
             summable = tuple(n for n, c in COMPRESSORS.items() if c.summable)
             raise ValueError(
                 f"`transport='allreduce'` can only carry payloads that add up, from one of {summable}; got "
@@ -152,8 +168,9 @@ class CompressionConfig:
         ``auto`` picks, from the payload and the number of ranks ``n``:
 
         * ``doublesqueeze``: ``two_pass``;
-        * payloads that add up (``none fp16 bf16``, shared-seed ``randk``): ``allreduce``, whose
-          ring sends ``2(n-1)/n`` of the payload per rank, so bytes per rank stay flat in ``n``;
+        * payloads that add up (``none fp16 bf16``, shared-seed ``randk``), and ``powersgd`` (two
+          allreduces of its factors): ``allreduce``, whose ring sends ``2(n-1)/n`` of the payload per
+          rank, so bytes per rank stay flat in ``n``;
         * other payloads with ``ef``, from :data:`TWO_PASS_FROM` = 4 ranks on and without GraVAC:
           ``two_pass``, both passes compressed, which sends about ``2(n-1)/n`` payloads per rank;
           ``allgather`` sends ``n-1``, at least twice as much from 4 ranks on, while on 2 and 3
@@ -177,7 +194,7 @@ class CompressionConfig:
             return self.transport
         if self.feedback == "doublesqueeze":
             return "two_pass"
-        if COMPRESSORS[self.compressor].summable:
+        if COMPRESSORS[self.compressor].summable or self.compressor == "powersgd":
             return "allreduce"
         if self.feedback == "ef" and world_size >= TWO_PASS_FROM and not adaptive:
             return "two_pass"
@@ -185,8 +202,10 @@ class CompressionConfig:
 
     def make_compressor(self) -> Compressor:
         """A compressor instance with this config's settings."""
+        extra = {"rank": self.powersgd_rank} if self.compressor == "powersgd" else {}
         return COMPRESSORS[self.compressor](
-            density=self.density, bits=self.bits, block_size=self.block_size, sample_fraction=self.dgc_sample_fraction
+            density=self.density, bits=self.bits, block_size=self.block_size, sample_fraction=self.dgc_sample_fraction,
+            **extra,
         )
 
     def replace(self, **changes: Any) -> "CompressionConfig":
@@ -235,6 +254,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "diana_alpha": (float, int),
     "dgc_sample_fraction": (float, int),
     "momentum": (str,),
+    "powersgd_rank": (int,),
 }
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_compress.powersgd import PowerSGDTransport, bucket_shapes, factors_for
 from lightning_compress.transport import (
     TRANSPORTS,
     Batch,
@@ -261,7 +262,6 @@ class CompressedFlight(Flight):
         if self.rest:
             for g, piece in zip(self.rest, torch.split(self.rest_flat, [g.numel() for g in self.rest])):
                 g.copy_(piece.view_as(g))
-        server = getattr(self.transport, "new_server", None)
         for t, (name, grad, mem, out) in enumerate(zip(self.names, self.grads, self.mems, self.transport.batch.outs)):
             error = self.errors[t]
             if fb.fused_residual:  # none, ef, doublesqueeze: the sum is the result, the error the new memory
@@ -274,8 +274,7 @@ class CompressedFlight(Flight):
                 mem.update(update)
             else:  # EF21, DIANA: their memory moves in place, now that every rank's message arrived
                 grad.copy_(fb.commit(out, self.vs[t], error, mem))
-            if server:
-                state.commit_buffer(state.server_memory, name, "server_error", server[t])
+        self.transport.commit(state, self.names)
         commit_velocities(state, self.params, self.prepared)
 
 
@@ -293,6 +292,10 @@ def _fused_velocity(comp, fb, chosen: list[int], prepared: dict) -> Velocity | N
 
 def _make_transport(state: CompressionState, batch: Batch, names: list[str]) -> Transport:
     kind = state.transport
+    if state.config.compressor == "powersgd":  # its own two allreduces, with the shared factors
+        shapes = bucket_shapes(state, names, batch.numels)
+        factors, factors_out = factors_for(state, names, shapes, batch.device)
+        return PowerSGDTransport(state.collectives, batch, shapes=shapes, factors=factors, factors_out=factors_out)
     if kind != "two_pass":
         return TRANSPORTS[kind](state.collectives, batch)
     server = server_out = None

@@ -80,6 +80,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         diana_alpha: Optional[float] = None,
         dgc_sample_fraction: float = 0.01,
         momentum: MomentumMode = "auto",
+        powersgd_rank: int = 4,
         save_compression_memory: bool = True,
         accelerator: Any = None,
         parallel_devices: Optional[list[torch.device]] = None,

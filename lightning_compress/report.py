@@ -141,7 +141,12 @@ def expected_bytes(
         dense = numel * element_size * ring
         # Over two_pass, ef and doublesqueeze compress the second pass too (a server error per shard).
         server = config.feedback in ("ef", "doublesqueeze")
-        sent = dense if reason is not None else _sent(comp, transport, numel, world_size, server)
+        if reason is not None:
+            sent = dense
+        elif config.compressor == "powersgd":  # P and Q by allreduce; (n + m) r fp32 values, or the matrix itself
+            sent = 4.0 * comp.payload_numel_shaped(shape) * ring if world_size > 1 else 0.0
+        else:
+            sent = _sent(comp, transport, numel, world_size, server)
         rows.append(TensorBytes(name, shape, reason, sent, dense))
     return rows
 
@@ -162,6 +167,8 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
         details.append(f"bits={config.bits}")
     if config.compressor in ("sign", "qsgd", "terngrad"):
         details.append(f"block_size={config.block_size}")
+    if config.compressor == "powersgd":
+        details.append(f"rank={config.powersgd_rank}")
     comp = config.compressor + (f"({', '.join(details)})" if details else "")
     extra = [f"min_numel={config.min_numel}", f"momentum={config.momentum}"]
     if config.warmup_steps:

@@ -63,7 +63,7 @@ class CompressionState(StateCheckpointing):
         # parameter bookkeeping
         "param_names", "param_index", "param_shapes",
         # internal state
-        "step", "memory", "server_memory", "velocity", "_pending", "_scratch", "adaptive", "_adaptive_saved",
+        "step", "memory", "server_memory", "velocity", "factors", "_pending", "_scratch", "adaptive", "_adaptive_saved",
         "momentum", "_momentum_saved", "pipeline", "overlap", "_adjusted",
         # the ranks' settings check: why one is due at the next step, and what was attached at the last one
         "_agreement_due", "_agreed_attachments",
@@ -91,6 +91,7 @@ class CompressionState(StateCheckpointing):
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
         self.server_memory: dict[str, torch.Tensor] = {}
         self.velocity: dict[str, torch.Tensor] = {}  # the optimizer's momentum, per rank (see momentum.py)
+        self.factors: dict[str, torch.Tensor] = {}  # PowerSGD's warm-start Q per parameter (m x r, alike on all ranks)
         self.momentum = None  # an ExchangeMomentum when an optimizer's momentum is moved into the exchange
         self._momentum_saved: dict[str, Any] | None = None
         self._scratch: dict[tuple[str, str], torch.Tensor] = {}  # buffers reused between steps, never saved
@@ -129,7 +130,8 @@ class CompressionState(StateCheckpointing):
     def __repr__(self) -> str:
         s = self.stats
         memory = sum(t.numel() * t.element_size() for mem in self.memory.values() for t in mem.values())
-        memory += sum(t.numel() * t.element_size() for t in (*self.server_memory.values(), *self.velocity.values()))
+        memory += sum(t.numel() * t.element_size()
+                      for t in (*self.server_memory.values(), *self.velocity.values(), *self.factors.values()))
         parts = [
             f"{self.config.compressor}/{self.config.feedback} via {self.transport}",
             f"rank {self.rank} of {self.world_size}",
@@ -307,6 +309,10 @@ class CompressionState(StateCheckpointing):
             self.give_scratch(name, key, old)
         else:  # the buffer is memory now: the next step needs a scratch buffer of its own
             self._scratch.pop((name, key), None)
+
+    def commit_factor(self, name: str, factor: torch.Tensor) -> None:
+        """Make ``factor`` (a ``"factor"`` scratch buffer) PowerSGD's warm-start ``Q`` of ``name``; recycle the old one."""
+        self.commit_buffer(self.factors, name, "factor", factor)
 
     def commit_velocity(self, name: str, velocity: torch.Tensor) -> None:
         """Make ``velocity`` (a ``"velocity"`` scratch buffer) parameter ``name``'s momentum; recycle the old one."""

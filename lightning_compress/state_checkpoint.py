@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
+from lightning_compress.compressors.powersgd import matrix_shape
 from lightning_compress.config import CompressionConfig
 from lightning_compress.stats import _STATS_FIELDS, CompressionStats
 from lightning_compress.transport import shard_bounds
@@ -37,7 +38,7 @@ class StateCheckpointing:
         Format 2 adds, to format 1, the shape of the parameter behind every memory and velocity
         tensor (``"shapes"``) and the settings a controller changed (``"adjusted"``).
         """
-        saved_names = set(self.memory) | set(self.server_memory) | set(self.velocity)
+        saved_names = set(self.memory) | set(self.server_memory) | set(self.velocity) | set(self.factors)
         return {
             "format": STATE_FORMAT,
             "rank": self.rank,
@@ -49,6 +50,7 @@ class StateCheckpointing:
             "memory": {name: {k: t.detach().clone() for k, t in mem.items()} for name, mem in self.memory.items()},
             "server_memory": {name: t.detach().clone() for name, t in self.server_memory.items()},
             "velocity": {name: t.detach().clone() for name, t in self.velocity.items()},
+            "factors": {name: t.detach().clone() for name, t in self.factors.items()},
             "shapes": {name: list(self.param_shapes[name]) for name in sorted(saved_names & set(self.param_shapes))},
             "momentum": self.momentum.state_dict() if self.momentum is not None else self._momentum_saved,
             "stats": asdict(self.stats),
@@ -64,6 +66,8 @@ class StateCheckpointing:
         * Rank: with the same world size the state must be this rank's own (``ValueError``).
         * World size, compressor, feedback: when one differs, all memory starts from zero (a warning;
           velocities survive a compressor change).
+        * PowerSGD's factors (the same on every rank, any world size): restored when both runs use
+          ``powersgd`` and the factor fits this run's shape and ``powersgd_rank``; others start afresh.
         * Per tensor (memory, server memory, velocity): an entry for a name the model does not have is
           dropped; one saved for another shape (format 1: another size), or holding NaN/inf, starts
           from zero; one warning names every such tensor and the reason. EF21/DIANA estimates that are
@@ -85,6 +89,7 @@ class StateCheckpointing:
         notes: list[str] = []
         memory, server_memory = self._restorable_memory(state, saved, saved_world, fmt, notes)
         velocity = self._restorable_velocity(state, saved_world, fmt, notes)
+        factors = self._restorable_factors(state, saved, notes)
         config, pending, adjusted = self._restored_settings(state, saved)
         stats = {k: v for k, v in dict(state["stats"]).items() if k in _STATS_FIELDS}
         # The last check that can fail changes nothing when it fails (GraVACController.load_state_dict).
@@ -105,7 +110,7 @@ class StateCheckpointing:
         if config != self.config:
             self._set_config(config)
         self._pending, self._adjusted = pending, adjusted
-        self.memory, self.server_memory, self.velocity = memory, server_memory, velocity
+        self.memory, self.server_memory, self.velocity, self.factors = memory, server_memory, velocity, factors
         saved_momentum = state.get("momentum")
         if saved_momentum is not None:
             if self.momentum is not None:
@@ -251,6 +256,28 @@ class StateCheckpointing:
                 continue
             server_memory[name] = t.to(device=device, dtype=torch.float32).clone()
         return memory, server_memory
+
+    def _restorable_factors(self, state, saved: CompressionConfig, notes: list[str]) -> dict[str, torch.Tensor]:
+        """PowerSGD's warm-start factors to restore (``m x r``, checked against the model and the rank)."""
+        if saved.compressor != "powersgd" or self.config.compressor != "powersgd":
+            return {}
+        device, rank = self._device(), self.config.powersgd_rank
+        factors = {}
+        for name, t in dict(state.get("factors") or {}).items():
+            why = None
+            if self.param_index and name not in self.param_index:
+                why = "not a parameter of this model"
+            elif name in self.param_shapes:
+                want = (matrix_shape(self.param_shapes[name])[1], rank)
+                if tuple(t.shape) != want:
+                    why = f"factor of shape {tuple(t.shape)}, {want} expected (powersgd_rank={rank})"
+            if why is None and not bool(torch.isfinite(t).all()):
+                why = f"factor {_NOT_FINITE}"
+            if why is not None:
+                notes.append(f"PowerSGD factor of {name!r}: {why}")
+                continue
+            factors[name] = t.to(device=device, dtype=torch.float32).clone()
+        return factors
 
     def _restorable_velocity(self, state, saved_world: int, fmt: int, notes: list[str]) -> dict[str, torch.Tensor]:
         """The velocities to restore: this rank's share of the momentum, valid for one world size."""

@@ -129,6 +129,10 @@ class Transport:
         """Decode into ``batch.outs`` after the last collective; False: some rank's data was not finite."""
         raise NotImplementedError
 
+    def commit(self, state, names: Sequence[str]) -> None:
+        """After a successful exchange, keep what this transport carries between steps (``names``: the
+        tensors' parameter names); nothing by default."""
+
     def _decode_seeds(self) -> list[int]:
         return [self.batch.seed_of(t, 0) for t in range(len(self.batch.numels))]
 
@@ -261,6 +265,11 @@ class TwoPassTransport(Transport):
         wire[self.second_flag] = torch.logical_not(finite).to(torch.uint8)
         self.gathered, fut = self.comm.all_gather_async(wire)
         return fut
+
+    def commit(self, state, names: Sequence[str]) -> None:
+        """The new server errors (DoubleSqueeze) become this rank's server memory."""
+        for name, error in zip(names, self.new_server):
+            state.commit_buffer(state.server_memory, name, "server_error", error)
 
     def finish(self) -> bool:
         if bool(self.gathered[:, self.second_flag].any()):

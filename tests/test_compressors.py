@@ -15,7 +15,9 @@ import torch
 from lightning_compress.compressors import COMPRESSORS, Compressor
 from lightning_compress.compressors.base import num_blocks
 
-NAMES = tuple(COMPRESSORS)
+# Element-wise payload formats; PowerSGD (a low-rank matrix approximation, exchanged by its own two
+# allreduces) has its own tests in test_powersgd.py.
+NAMES = tuple(name for name in COMPRESSORS if name != "powersgd")
 SETTINGS = dict(density=0.1, bits=4, block_size=64)
 SIZES = (1, 7, 1023, 4097)
 UNBIASED = ("randk", "qsgd", "terngrad", "natural")
@@ -57,6 +59,7 @@ def mc_band(samples: torch.Tensor) -> tuple[float, float]:
 
 def test_registry_and_flags() -> None:
     assert set(NAMES) == {"none", "fp16", "bf16", "topk", "dgc", "randk", "qsgd", "terngrad", "natural", "sign"}
+    assert set(COMPRESSORS) == {*NAMES, "powersgd"}
     for name, cls in COMPRESSORS.items():
         assert cls.name == name
         comp = make(name)

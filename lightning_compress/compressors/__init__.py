@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lightning_compress.compressors.base import Compressor
 from lightning_compress.compressors.identity import BF16Compressor, FP16Compressor, NoneCompressor
+from lightning_compress.compressors.powersgd import PowerSGDCompressor
 from lightning_compress.compressors.quantize import (
     NaturalCompressor,
     QSGDCompressor,
@@ -25,6 +26,7 @@ __all__ = [
     "TernGradCompressor",
     "NaturalCompressor",
     "SignCompressor",
+    "PowerSGDCompressor",
 ]
 
 COMPRESSORS: dict[str, type[Compressor]] = {
@@ -40,5 +42,6 @@ COMPRESSORS: dict[str, type[Compressor]] = {
         TernGradCompressor,
         NaturalCompressor,
         SignCompressor,
+        PowerSGDCompressor,
     )
 }
