@@ -173,6 +173,8 @@ def rank_state_dict(state: CompressionState, keep_memory: bool = True) -> dict[s
     sd["server_memory"] = {n: t.cpu() for n, t in sd["server_memory"].items()}
     # Velocities are the optimizer's momentum: kept even without memory, as an optimizer state is.
     sd["velocity"] = {n: t.cpu() for n, t in sd["velocity"].items()}
+    # PowerSGD's factors (m x r each, the same on every rank) are kept too: small, and needed for an exact resume.
+    sd["factors"] = {n: t.cpu() for n, t in sd.get("factors", {}).items()}
     return sd
 
 

@@ -230,6 +230,7 @@ RESUME_CASES = {
     "sign+doublesqueeze": dict(compressor="sign", feedback="doublesqueeze"),
     "topk+ef21": dict(compressor="topk", density=0.1, feedback="ef21"),
     "randk+diana": dict(compressor="randk", density=0.1, feedback="diana"),
+    "powersgd+ef": dict(compressor="powersgd", powersgd_rank=2),
 }
 
 
@@ -268,6 +269,9 @@ def test_resume_from_mid_run_checkpoint_is_bitwise_exact(case, tmp_path):
         assert s["dense_bytes_last_step"] / s["sent_bytes_last_step"] > 2.0  # ring-dense bytes / sent bytes
         assert set(sd["memory"]) == {"l1.weight", "l2.weight"}  # 1-D biases go dense, no memory
         assert all(t.dtype == torch.float32 for m in sd["memory"].values() for t in m.values())
+        if options["compressor"] == "powersgd":  # the warm-start factors (m x r), the same on both ranks
+            assert {n: tuple(t.shape) for n, t in sd["factors"].items()} == {"l1.weight": (16, 2), "l2.weight": (32, 2)}
+            assert all(torch.equal(t, blob["ranks"][0]["factors"][n]) for n, t in sd["factors"].items())
     # Each rank saved its own memory (they differ: different data shards).
     m0, m1 = (next(iter(sd["memory"]["l1.weight"].values())) for sd in blob["ranks"])
     assert not torch.equal(m0, m1)
