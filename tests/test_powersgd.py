@@ -263,3 +263,21 @@ def _conv_worker(rank, world):
 
 def test_conv_and_tied_weights():
     run_distributed(_conv_worker, timeout=120)
+
+
+def _bf16_worker(rank, world):
+    # bf16 parameters: the gradient is widened to fp32 for the factors, memory and factors stay fp32.
+    x, y = make_data(rank)
+    ddp = wrap(make_model().to(torch.bfloat16))
+    state = register_compression(ddp, CompressionConfig(**PSGD))
+    losses = train(ddp, x.bfloat16(), y.bfloat16(), steps=6)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert state.stats.compressed_last_step and state.stats.fallback_buckets_last_step == 0
+    assert set(state.factors) == WEIGHTS and all(q.dtype == torch.float32 for q in state.factors.values())
+    assert all(m["residual"].dtype == torch.float32 for m in state.memory.values())
+    flats = gather_flat(ddp.parameters())
+    assert torch.equal(flats[0], flats[1])
+
+
+def test_bf16_parameters():
+    run_distributed(_bf16_worker, timeout=120)
