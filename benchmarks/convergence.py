@@ -230,7 +230,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.tasks = args.tasks.split(",")
     args.optimizers = args.optimizers.split(",")
-    args.configs = [c for c in args.configs.split(";") if c]
+    args.configs = [c for c in args.configs.split(";") if c and c != DENSE]  # dense is always run first
     args.seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
