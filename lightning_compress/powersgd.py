@@ -78,15 +78,17 @@ class PowerSGDTransport(Transport):
         return wire[offset : offset + rows * cols].view(rows, cols)
 
     def encode(self, wire, xs, residuals, residuals_out, scale: float, velocity=None):
-        """``P_i = (x + e) Q`` into ``wire``; returns ``(sum ||M_i||^2, sum of the errors)``; the second
+        """``P_i = (scale x + e) Q`` into ``wire``; returns ``(sum ||M_i||^2, sum of the errors)``; the second
         is filled in by :meth:`launch_second` (read it after the step's drain)."""
-        if scale != 1.0 or velocity is not None:
-            raise ValueError("the PowerSGD exchange takes inputs already scaled, without a fused velocity")
+        if velocity is not None:
+            raise ValueError("the PowerSGD exchange forms no velocity of its own")
         norm = torch.zeros((), dtype=torch.float64, device=wire.device)
         for t, (x, res, out) in enumerate(zip(xs, residuals, residuals_out)):
             n, m = self.shapes[t]
-            if res is not None:  # M = x + e, formed in the error buffer (it becomes the new error in place)
-                mat = torch.add(x, res, out=out) if out is not None else torch.add(x, res)
+            if res is not None:  # M = scale x + e in one pass, in the error buffer (it becomes the new error in place)
+                mat = torch.add(res, x, alpha=scale, out=out) if out is not None else torch.add(res, x, alpha=scale)
+            elif scale != 1.0:
+                mat = torch.mul(x, scale, out=out) if out is not None else torch.mul(x, scale)
             else:
                 mat = out.copy_(x) if out is not None else x
             self.errors.append(out is not None)

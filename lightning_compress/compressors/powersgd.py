@@ -72,6 +72,7 @@ class PowerSGDCompressor(Compressor):
     # [P, Q] does not: it travels by its own exchange of two allreduces, not the allreduce transport.
     summable = False
     payload_dtype = torch.float32
+    fused_scale = True  # the exchange forms M = grad * scale + e in one pass
 
     def __init__(self, *, rank: int = 4, **kwargs) -> None:
         super().__init__(**kwargs)
