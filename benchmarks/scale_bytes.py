@@ -47,8 +47,9 @@ DEFAULT_CONFIGS = (
     "compressor=sign,feedback=doublesqueeze",
     "compressor=randk,density=0.01,feedback=diana",
     "compressor=topk,density=0.01,feedback=ef21",
+    "compressor=powersgd,powersgd_rank=4,feedback=ef",
 )
-RECOMMENDED = DEFAULT_CONFIGS[1:4]
+RECOMMENDED = (*DEFAULT_CONFIGS[1:4], DEFAULT_CONFIGS[-1])
 GOAL = 2.0
 
 
