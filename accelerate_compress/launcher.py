@@ -37,7 +37,7 @@ from accelerate_compress.flag import (
     resolve,
     to_inline,
 )
-from lightning_compress.config import CompressionConfig
+from lightning_compress.config import CompressionConfig, _parse_value
 
 __all__ = ["main", "plan"]
 
@@ -57,6 +57,8 @@ _FIELD_HELP: dict[str, str] = {
     "dgc_sample_fraction": "fraction of entries dgc (and topk) sample to find the threshold, in (0, 1]",
     "momentum": "where the optimizer's momentum lives: auto, lookahead, heavy_ball or optimizer",
     "powersgd_rank": "rank r of powersgd's approximation (>= 1): an n x m gradient sends (n + m) r values",
+    "hierarchical": "true: dense inside a node, compressed only across nodes (false: flat)",
+    "ranks_per_node": "ranks per node with --hierarchical true; 0 takes LOCAL_WORLD_SIZE",
 }
 _FIELD_TYPES: dict[str, type] = {
     f.name: float if f.name == "diana_alpha" else type(f.default) for f in dataclasses.fields(CompressionConfig)
@@ -232,6 +234,9 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
         kind = _OPTIONS[name][0]
         if name == "diana_alpha" and value.strip().lower() == "none":
             flags[name] = None
+            continue
+        if kind is bool:  # true/false, 1/0, yes/no, on/off, as in "k=v,..."
+            flags[name] = _parse_value(name, value.strip())
             continue
         try:
             flags[name] = kind(value)

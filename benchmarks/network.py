@@ -19,6 +19,8 @@ unthrottled run: accuracy does not depend on bandwidth). Writes
     python benchmarks/network.py --veth                       # one namespace per rank, veth links
     python benchmarks/network.py --quick                      # smoke check, well under a minute
     python benchmarks/network.py --bandwidths 1gbit,none --configs "dense;compressor=sign,feedback=ef"
+    python benchmarks/network.py --veth --ranks 4 --nodes 2 --bandwidths 1gbit --name network_hierarchical \
+        --configs "dense;compressor=sign,feedback=ef;compressor=sign,feedback=ef,hierarchical=true,ranks_per_node=2"
 
 Namespaces (root, ``ip`` and ``tc`` needed; otherwise the run says so and measures unthrottled
 on the host loopback only):
@@ -31,6 +33,11 @@ on the host loopback only):
   (10.77.0.1 and 10.77.0.2); with more, every rank's veth ends in a hub namespace holding a
   bridge. Both ends of every veth carry a ``tbf`` (a rank's upload and download), so each
   direction of each link gets the full rate, as on a switched full-duplex network.
+* ``--veth --nodes N``: one namespace per *node*, holding ``ranks / N`` ranks (numbered node by
+  node, with torchrun's ``LOCAL_WORLD_SIZE`` and ``LOCAL_RANK`` set). Ranks of a node talk over the
+  namespace's loopback, unthrottled (a packet to the node's own address never leaves it); nodes
+  are joined as hosts are above (a veth pair for 2 nodes, a bridge for more), throttled at both
+  ends: fast links inside a node, slow ones between nodes, for the hierarchical exchange.
 
 ``tbf`` burst: ``max(128 KiB, rate / 250)`` bytes (4 ms of tokens at the rate, a kernel tick at
 HZ=250; at least two 64 KiB packets: a packet bigger than the bucket never passes and stalls TCP,
@@ -194,6 +201,7 @@ class Topology:
     master_addr: str
     description: str
     qdiscs: list[str] = field(default_factory=list)
+    env: list[dict[str, str]] = field(default_factory=list)  # per rank, extra environment (node topologies)
 
 
 class Namespaces:
@@ -250,9 +258,13 @@ class Namespaces:
         return Topology([ns] * world, ["lo"] * world, "127.0.0.1",
                         f"shared loopback: all {world} ranks in namespace {ns}, over its lo", [q] if q else [])  # fmt: skip
 
-    def veth(self, tag: str, rate: float | None, world: int) -> Topology:
+    def veth(self, tag: str, rate: float | None, world: int, nodes: int = 0) -> Topology:
+        """One namespace per rank, or with ``nodes`` one per node of ``world // nodes`` ranks (see the docstring)."""
+        ranks, per = world, 1
+        if nodes:
+            world, per = nodes, ranks // nodes  # below, `world` counts the hosts: one per node
         base = f"{PREFIX}{os.getpid()}_{tag}"
-        spaces = [self.add(f"{base}_r{r}") for r in range(world)]
+        spaces = [self.add(f"{base}_{'n' if nodes else 'r'}{r}") for r in range(world)]
         addrs = [f"10.77.0.{r + 1}" for r in range(world)]
         ifnames = [f"lcb{r}" for r in range(world)]
         qdiscs: list[str | None] = []
@@ -275,7 +287,14 @@ class Namespaces:
             sh("ip", "-n", spaces[r], "addr", "add", f"{addrs[r]}/24", "dev", ifnames[r])
             sh("ip", "-n", spaces[r], "link", "set", ifnames[r], "up")
             qdiscs.append(self.throttle(spaces[r], ifnames[r], rate))  # the rank's upload (2 ranks: the peer's download)
-        return Topology(spaces, ifnames, addrs[0], desc, [q for q in qdiscs if q])
+        if not nodes:
+            return Topology(spaces, ifnames, addrs[0], desc, [q for q in qdiscs if q])
+        link = "one veth pair" if world == 2 else f"a veth each to a bridge in {base}_hub"
+        desc = (f"{nodes} node namespaces ({', '.join(spaces)}) of {per} ranks each: inside a node the ranks talk over "
+                f"its loopback (unthrottled), between nodes over {link}, throttled at both ends")  # fmt: skip
+        env = [{"LOCAL_WORLD_SIZE": str(per), "LOCAL_RANK": str(r % per)} for r in range(ranks)]
+        return Topology([spaces[r // per] for r in range(ranks)], [ifnames[r // per] for r in range(ranks)], addrs[0],
+                        desc, [q for q in qdiscs if q], env)  # fmt: skip
 
 
 def host_topology(world: int) -> Topology:
@@ -361,7 +380,7 @@ class Runner:
                                                                  *config_args, "--out", str(outs[r])]  # fmt: skip
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                        MASTER_ADDR=topo.master_addr, MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(world),
-                       GLOO_SOCKET_IFNAME=topo.ifnames[r])  # fmt: skip
+                       GLOO_SOCKET_IFNAME=topo.ifnames[r], **(topo.env[r] if topo.env else {}))  # fmt: skip
             with open(logs[r], "w") as log:
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)))
             if self.nets is not None:
@@ -662,6 +681,8 @@ def write_markdown(data: dict, path: Path) -> None:
                 notes.append(f"mean CF {statistics.fmean(rec['cf']):.1f} (steps: {fmt_cf(rec['cf'])})")
             if rec.get("ratio"):
                 notes.append(f"ratio {rec['ratio']:.1f}x")
+            if data.get("args", {}).get("nodes") and rec.get("across_per_step") is not None:
+                notes.append(f"{mb(rec['across_per_step'])} of it by collectives that may cross nodes")
             if rec.get("median_s") is None:
                 lines.append(f"| {label_of(cfg)} | - | - | - | - | {acc} | {'; '.join(notes)} |")
                 continue
@@ -676,8 +697,8 @@ def write_markdown(data: dict, path: Path) -> None:
     lines += ["## Goals", ""] + goal_lines(data) + [""]
     lines += ["## Digits accuracy and bytes", "",
               "| config | test accuracy | vs dense | bytes sent over the run (rank 0) | steps | notes |",
-              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
-    for cfg in data["configs"]:
+              "|---|---:|---:|---:|---:|---|"] if data.get("digits_bw") else []  # fmt: skip
+    for cfg in data["configs"] if data.get("digits_bw") else ():
         d = data["digits"].get(cfg, {})
         if d.get("error") or d.get("accuracy") is None:
             lines.append(f"| {label_of(cfg)} | failed | - | - | - | {short_error(d.get('error', 'not run'))} |")
@@ -765,6 +786,13 @@ def notes_lines(data: dict) -> list[str]:
                "for inside the hook (each bucket's exchange finishes before the next starts), which keeps one order "
                "on every rank. lightning_compress's hook returns before its exchange completes, but issues every "
                "collective from the thread that calls the hook, so its order is the same on every rank.")  # fmt: skip
+    if data.get("args", {}).get("nodes"):
+        out.append("- Nodes: `hierarchical=true` sums the compressed tensors in fp32 inside a node (all_to_all of "
+                   "shards, then all_gather of the averaged shards, over the node's unthrottled loopback) and sends "
+                   "only one compressed shard per rank across nodes; 'may cross nodes' counts what a rank sends by its "
+                   "cross-node group and by collectives over all ranks (the biases' sums). For the flat exchange it is "
+                   "everything the rank sends, of which the part addressed to ranks of its own node stays on the "
+                   "loopback. Ranks get torchrun's LOCAL_WORLD_SIZE and LOCAL_RANK.")  # fmt: skip
     out.append("- Bytes for lightning_compress include its dense exchange of the biases (1-D tensors) and, for "
                "DoubleSqueeze, both passes (all_to_all + all_gather); GraVAC adds one 32-byte all_gather per step.")
     return out
@@ -851,6 +879,9 @@ def parse_args(argv=None):
                    "--quick: 1gbit)")  # fmt: skip
     p.add_argument("--ranks", type=int, default=2, help="number of ranks")
     p.add_argument("--veth", action="store_true", help="one namespace per rank, joined by veth links")
+    p.add_argument("--nodes", type=int, default=0, help="with --veth: one namespace per node of ranks/NODES ranks, "
+                   "loopback inside a node (unthrottled), throttled veths between nodes")  # fmt: skip
+    p.add_argument("--name", default="network", help="stem of the output files (default network: network.md, ...)")
     p.add_argument("--configs", default=None, help="';'-separated: dense, fp16, powersgd_r<R>[_sync], "
                    "'compressor=...,...', 'gravac:compressor=...'")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="small model, 1 bandwidth, few steps and epochs (smoke check)")
@@ -888,6 +919,9 @@ def parse_args(argv=None):
             p.error(f"bad config {c!r}: {err}")
     if args.ranks < 2:
         p.error("--ranks must be >= 2")
+    if args.nodes and (not args.veth or args.nodes < 2 or args.ranks % args.nodes or args.nodes == args.ranks):
+        p.error(f"--nodes {args.nodes}: needs --veth, at least 2 nodes, and nodes of 2 or more ranks that divide "
+                f"--ranks {args.ranks}")  # fmt: skip
     args.epochs = args.epochs or (2 if args.quick else 20)
     args.warmup = 2 if args.quick else 3
     args.target_seconds = 1.0 if args.quick else 10.0
@@ -898,10 +932,11 @@ def parse_args(argv=None):
 
 
 def write_reports(data: dict, out_dir: Path) -> None:
-    write_markdown(data, out_dir / "network.md")
-    plot_step_time(data, out_dir / "network_step_time.png")
+    name = data.get("args", {}).get("name", "network")
+    write_markdown(data, out_dir / f"{name}.md")
+    plot_step_time(data, out_dir / f"{name}_step_time.png")
     if any(rec.get("accuracy") is not None for rec in data["digits"].values()):
-        plot_accuracy_bytes(data, out_dir / "network_accuracy_bytes.png")
+        plot_accuracy_bytes(data, out_dir / f"{name}_accuracy_bytes.png")
 
 
 def main(argv=None) -> int:
@@ -947,6 +982,10 @@ def main(argv=None) -> int:
         mode = (f"veth, one namespace per rank ({'veth pair' if args.ranks == 2 else 'veths to a bridge'}, "
                 "both ends throttled)" if args.veth else
                 "shared loopback: all ranks in one namespace, one tbf on its lo")  # fmt: skip
+        if args.nodes:
+            mode = (f"veth nodes: {args.nodes} namespaces of {args.ranks // args.nodes} ranks each, loopback inside a "
+                    f"node (unthrottled), {'a veth pair' if args.nodes == 2 else 'veths to a bridge'} between nodes "
+                    "(both ends throttled)")  # fmt: skip
 
     # Accuracy does not depend on bandwidth: digits ride along with the least throttled run.
     digits_bw = None if args.no_digits else max(args.bandwidths, key=lambda b: math.inf if args.rates[b] is None else args.rates[b])
@@ -971,7 +1010,7 @@ def main(argv=None) -> int:
             if nets is None:
                 topo = host_topology(args.ranks)
             else:
-                topo = (nets.veth if args.veth else nets.shared)(tag, rate, args.ranks)
+                topo = nets.veth(tag, rate, args.ranks, args.nodes) if args.veth else nets.shared(tag, rate, args.ranks)
             data["qdiscs"][bw] = topo.qdiscs
             rows = data["steps"][bw] = {}
             print(f"\n== {pretty_rate(rate)}: {topo.description}" + (f"; {'; '.join(topo.qdiscs)}" if topo.qdiscs else ""),
@@ -1040,10 +1079,10 @@ def main(argv=None) -> int:
 
     data["machine"] = machine()
     data["wall_s"] = time.monotonic() - t_start
-    (out_dir / "network.json").write_text(json.dumps(data, indent=1, default=str))
+    (out_dir / f"{args.name}.json").write_text(json.dumps(data, indent=1, default=str))
     write_reports(data, out_dir)
     print("\n" + "\n".join(goal_lines(data)))
-    print(f"\nwrote {out_dir / 'network.md'}, network.json, network_step_time.png, network_accuracy_bytes.png "
+    print(f"\nwrote {out_dir / args.name}.md, .json, _step_time.png, _accuracy_bytes.png "
           f"({data['wall_s'] / 60:.1f} min)")  # fmt: skip
     return 0
 

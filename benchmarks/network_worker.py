@@ -227,6 +227,7 @@ def step_mode(args, cfg: str, rank: int, world: int) -> dict:
             # and time the hook's thread was blocked on collectives (later passes, the step's drain).
             work = s.encode_seconds_last_step + s.decode_seconds_last_step
             row.update(sent=s.sent_bytes_last_step, handed=s.bytes_last_step, dense=s.dense_bytes_last_step,
+                       across=getattr(s, "sent_bytes_across_nodes_last_step", s.sent_bytes_last_step),
                        hook_s=work + s.wait_seconds_last_step, comm_s=s.wait_seconds_last_step,
                        compressed=s.compressed_last_step)  # fmt: skip
             if run is not None:
@@ -261,6 +262,7 @@ def step_mode(args, cfg: str, rank: int, world: int) -> dict:
         out["sent_per_step"] = statistics.fmean(r["sent"] for r in timed)
         out["handed_per_step"] = statistics.fmean(r["handed"] for r in timed)
     if kind == "ours":
+        out["across_per_step"] = statistics.fmean(r["across"] for r in timed)  # by collectives that may cross nodes
         out["hook_s"] = [r["hook_s"] for r in timed]
         out["comm_s"] = [r["comm_s"] for r in timed]
         ratios = [r["dense"] * 2.0 * (world - 1) / world / r["sent"] for r in timed if r["sent"]]

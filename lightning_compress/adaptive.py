@@ -64,6 +64,11 @@ class AdaptiveRun:
 
     def __init__(self, controller: GraVACController, state):
         cfg = state.config
+        if getattr(cfg, "hierarchical", False):
+            raise ValueError(
+                "GraVAC picks one compression factor for the flat exchange and keeps its own error feedback; it does "
+                "not run with `hierarchical=True`. Use `hierarchical=False` with GraVAC, or a fixed compressor."
+            )
         if cfg.compressor not in ADAPTIVE_COMPRESSORS:
             raise ValueError(
                 f"GraVAC adapts the compression factor of {ADAPTIVE_COMPRESSORS}; the compressor is {cfg.compressor!r}"

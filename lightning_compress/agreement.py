@@ -4,8 +4,8 @@ What every rank of one compressed exchange must hold alike is hashed, field by f
 fixed-size int64 vector (the *digest*): every :class:`~lightning_compress.CompressionConfig`
 field, pending controller changes, the step counter, the world size, the parameters' names
 and shapes (in order: seeds follow it), which tensors already hold EF21/DIANA estimates
-(their first exchange is dense), where the optimizer's momentum lives, and the adaptive
-controller's state. One ``all_gather`` of the digests tells every rank whether they agree.
+(their first exchange is dense), where the optimizer's momentum lives, the adaptive
+controller's state, and the node layout of a hierarchical exchange. One ``all_gather`` of the digests tells every rank whether they agree.
 Only when they do not, ``all_gather_object`` brings every rank's readable values, and every
 rank raises the same ``RuntimeError`` naming each differing field and each rank's value.
 
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FIELDS = tuple(f.name for f in fields(CompressionConfig))
 #: Everything the digest covers, one hash each, in this order.
-FIELDS = (*CONFIG_FIELDS, "pending", "step", "world_size", "parameters", "memory", "momentum", "adaptive")
+FIELDS = (*CONFIG_FIELDS, "pending", "step", "world_size", "parameters", "memory", "momentum", "adaptive", "hierarchy")
 
 # id(exchange group) -> weak references to (that group, its gloo check group). Weak: torch's registry owns
 # both, and destroy_process_group ends them; a reference here must not keep them alive past that.
@@ -82,6 +82,9 @@ def describe(state: CompressionState) -> dict[str, Any]:
         "optimizer": momentum.kind, "mode": momentum.mode, "steps_taken": momentum.steps_taken,
     }  # fmt: skip
     values["adaptive"] = None if state.adaptive is None else state.adaptive.controller.state_dict()
+    # hierarchical=True: the node layout each rank resolved (ranks_per_node may come from LOCAL_WORLD_SIZE)
+    hierarchy = getattr(state, "hierarchy", None)
+    values["hierarchy"] = None if hierarchy is None else hierarchy.describe(state.config)
     return values
 
 

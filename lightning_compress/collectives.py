@@ -54,24 +54,30 @@ class Collectives:
             return done_future(tensor)
         return dist.all_reduce(tensor, group=self.group, async_op=True).get_future()
 
-    def all_gather_async(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.futures.Future]:
-        """``(out, future)``: ``out[r]`` receives rank ``r``'s ``tensor`` (an ``(n, len)`` buffer)."""
+    def all_gather_async(
+        self, tensor: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.futures.Future]:
+        """``(out, future)``: ``out[r]`` receives rank ``r``'s ``tensor`` (an ``(n, len)`` buffer, new unless given)."""
         n = self.world_size
         self._count(tensor, float(n - 1))
         if n == 1:
             return tensor.view(1, -1), done_future(None)
-        out = torch.empty(n, tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        if out is None:
+            out = torch.empty(n, tensor.numel(), dtype=tensor.dtype, device=tensor.device)
         work = _all_gather_single(out.view(-1), tensor, group=self.group, async_op=True)
         return out, work.get_future()
 
-    def all_to_all_async(self, send: torch.Tensor) -> tuple[torch.Tensor, torch.futures.Future]:
+    def all_to_all_async(
+        self, send: torch.Tensor, recv: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.futures.Future]:
         """``(recv, future)``: row ``j`` of ``send`` (an ``(n, len)`` buffer) goes to rank ``j``;
-        row ``j`` of ``recv`` is what rank ``j`` sent here."""
+        row ``j`` of ``recv`` (new unless given) is what rank ``j`` sent here."""
         n = self.world_size
         self._count(send, (n - 1) / n)
         if n == 1:
             return send, done_future(None)
-        recv = torch.empty_like(send)
+        if recv is None:
+            recv = torch.empty_like(send)
         work = dist.all_to_all_single(recv.view(-1), send.view(-1), group=self.group, async_op=True)
         return recv, work.get_future()
 

@@ -51,6 +51,16 @@ class CompressionConfig:
             fastest under compression), ``heavy_ball`` moves it unchanged, ``optimizer`` leaves it
             in the optimizer, ``auto`` is ``lookahead`` for SGD with momentum, Adam and AdamW and
             ``optimizer`` otherwise.
+        hierarchical: compress only across nodes (see :mod:`lightning_compress.hierarchy`): inside a
+            node the compressed tensors are summed densely (all_to_all of shards, fp32), each rank
+            compresses its node's sum of one shard with its own error memory (of shard size) and
+            exchanges it with the ranks of the same local index on the other nodes, by the transport
+            :meth:`transport_for` picks for the number of nodes; then the node all_gathers the shards.
+            Feedback ``none``, ``ef`` or ``doublesqueeze``; not with GraVAC. On one node, or with one
+            rank per node, rank 0 warns and the flat exchange runs.
+        ranks_per_node: ranks on each node with ``hierarchical`` (ranks numbered node by node, as
+            torchrun does); 0 (default) takes torchrun's ``LOCAL_WORLD_SIZE``. Registration fails
+            when it is unknown or does not divide the world size.
 
     Raises:
         ValueError: an option has a value outside what is allowed, or options do not fit together.
@@ -75,6 +85,8 @@ class CompressionConfig:
     dgc_sample_fraction: float = 0.01
     momentum: str = "auto"
     powersgd_rank: int = 4
+    hierarchical: bool = False
+    ranks_per_node: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -108,6 +120,27 @@ class CompressionConfig:
         if not (0.0 < self.dgc_sample_fraction <= 1.0):
             raise ValueError(f"`dgc_sample_fraction` must be in (0, 1]; got {self.dgc_sample_fraction!r}")
         self._check_pairing()
+        self._check_hierarchical()
+
+    def _check_hierarchical(self) -> None:
+        if self.ranks_per_node < 0:
+            raise ValueError(f"`ranks_per_node` must be >= 0 (0: from LOCAL_WORLD_SIZE); got {self.ranks_per_node!r}")
+        if self.ranks_per_node and not self.hierarchical:
+            raise ValueError(
+                f"`ranks_per_node={self.ranks_per_node}` only applies to the hierarchical exchange; set "
+                "`hierarchical=True` too, or leave `ranks_per_node` at 0"
+            )
+        if self.hierarchical and self.feedback not in ("none", "ef", "doublesqueeze"):
+            raise ValueError(
+                f"`hierarchical=True` with `feedback={self.feedback!r}` is not supported: EF21 and DIANA keep estimates "
+                "of whole tensors that all ranks share, while the hierarchical exchange compresses one shard per rank "
+                "across nodes. Use `feedback='ef'`, `'doublesqueeze'` or `'none'`, or `hierarchical=False`."
+            )
+        if self.hierarchical and self.compressor == "powersgd":
+            raise ValueError(
+                "`hierarchical=True` with `compressor='powersgd'` is not supported (PowerSGD factors whole matrices, "
+                "the hierarchical exchange cuts tensors into shards); use another compressor or `hierarchical=False`"
+            )
 
     # ----- pairing rules -------------------------------------------------------------------
     def _check_pairing(self) -> None:
@@ -255,7 +288,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "dgc_sample_fraction": (float, int),
     "momentum": (str,),
     "powersgd_rank": (int,),
+    "hierarchical": (bool,),
+    "ranks_per_node": (int,),
 }
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _parse_value(key: str, raw: str) -> Any:
@@ -264,6 +301,10 @@ def _parse_value(key: str, raw: str) -> Any:
         return None
     if str in types:
         return raw
+    if bool in types:
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError(f"`{key}` must be true or false (or 1/0, yes/no, on/off); got {raw!r}")
     try:
         return int(raw) if types[0] is int else float(raw)
     except ValueError:

@@ -64,6 +64,10 @@ class Flight:
         """Issue a pending later collective, if any (hook thread); returns seconds waited."""
         return 0.0
 
+    def stages_left(self) -> bool:
+        """Collectives are left that :meth:`issue_next` issues one per call (a hierarchical flight's stages)."""
+        return False
+
     def fallback(self, comm: Collectives, world_size: int) -> None:
         """Average the untouched bucket densely and complete the result (hook thread, waits)."""
         self.buffer.div_(world_size)
@@ -336,6 +340,10 @@ class StepPipeline:
         start = time.perf_counter()
         for f in flights:
             f.issue_next()
+        while any(f.stages_left() for f in flights):  # in bucket order, one stage per flight and round
+            for f in flights:
+                if f.stages_left():
+                    f.issue_next()
         for f in flights:
             f.done.wait()  # re-raises what a callback raised
         for f in flights:

@@ -81,6 +81,8 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         dgc_sample_fraction: float = 0.01,
         momentum: MomentumMode = "auto",
         powersgd_rank: int = 4,
+        hierarchical: bool = False,
+        ranks_per_node: int = 0,
         save_compression_memory: bool = True,
         accelerator: Any = None,
         parallel_devices: Optional[list[torch.device]] = None,

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_compress.agreement import check_agreement
 from lightning_compress.config import CompressionConfig
 from lightning_compress.exchange import CompressedFlight, DenseFlight, Flight, commit_velocities, dense_inputs
+from lightning_compress.hierarchy import HierarchicalFlight
 from lightning_compress.momentum import Prepared
 from lightning_compress.state import CompressionState
 from lightning_compress_kernels.finite import all_finite
@@ -85,6 +86,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
             flight = DenseFlight(state, buffer, params, grads, prepared, start_memory=chosen)
         elif state.adaptive is not None:
             flight = _adaptive_exchange(state, params, grads, chosen, buffer, prepared)
+        elif state.hierarchy is not None:  # dense inside each node, compressed across nodes
+            flight = HierarchicalFlight(state, params, grads, chosen, buffer, prepared)
         else:
             flight = CompressedFlight(state, params, grads, chosen, buffer, prepared)
     state.record_wait(state.pipeline.add(flight))

@@ -35,6 +35,7 @@ from lightning_compress.adaptive import compressor_at
 from lightning_compress.compressors import Compressor
 from lightning_compress.compressors.base import WIRE_ALIGN
 from lightning_compress.config import CompressionConfig
+from lightning_compress.hierarchy import expected_sent, node_layout
 from lightning_compress.transport import shard_bounds
 
 __all__ = [
@@ -132,6 +133,7 @@ def expected_bytes(
     """
     comp = compressor or config.make_compressor()
     transport = transport or _transport(config, world_size)
+    layout = node_layout(config, world_size) if transport == "hierarchical" else None
     ring = 2.0 * (world_size - 1) / world_size
     rows = []
     for name, shape, element_size in params:
@@ -145,6 +147,8 @@ def expected_bytes(
             sent = dense
         elif config.compressor == "powersgd":  # P and Q by allreduce; (n + m) r fp32 values, or the matrix itself
             sent = 4.0 * comp.payload_numel_shaped(shape) * ring if world_size > 1 else 0.0
+        elif transport == "hierarchical" and layout is not None:  # fp32 inside the node, compressed shards across
+            sent = expected_sent(config, comp, numel, layout)[0]
         else:
             sent = _sent(comp, transport, numel, world_size, server)
         rows.append(TensorBytes(name, shape, reason, sent, dense))
@@ -153,6 +157,8 @@ def expected_bytes(
 
 def _transport(config: CompressionConfig, world_size: int, adaptive: bool = False) -> str:
     """The transport ``config`` runs on ``world_size`` ranks."""
+    if not adaptive and getattr(config, "hierarchical", False) and node_layout(config, world_size) is not None:
+        return "hierarchical"
     pick = getattr(config, "transport_for", None)
     return pick(world_size, adaptive=adaptive) if pick is not None else config.transport_resolved
 
@@ -206,6 +212,12 @@ def start_line(
         f"about {format_bytes(sent)} per step per rank against {format_bytes(dense)} for dense DDP ({ratio}); "
         f"{len(rows) - n_dense} of {len(rows)} tensors compressed, {n_dense} sent densely (1-D or < min_numel)"
     )
+    layout = node_layout(config, world_size) if transport == "hierarchical" else None
+    if layout is not None:  # what crosses nodes: the compressed shards, and the dense tensors' sums over all ranks
+        comp = comp or config.make_compressor()
+        across = sum(r.sent_bytes if r.dense_reason else expected_sent(config, comp, math.prod(r.shape), layout)[1]
+                     for r in rows)  # fmt: skip
+        line += f"; about {format_bytes(across)} of it across nodes ({layout.nodes} nodes of {layout.ranks_per_node} ranks)"
     if config.warmup_steps:
         line += f"; the first {config.warmup_steps} steps are dense"
     if gravac_theta_min is not None:

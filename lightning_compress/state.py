@@ -14,6 +14,7 @@ from lightning_compress.collectives import Collectives
 from lightning_compress.config import TWO_PASS_FROM, CompressionConfig
 from lightning_compress.exchange import StepPipeline
 from lightning_compress.feedback import make_feedback
+from lightning_compress.hierarchy import make_hierarchy
 from lightning_compress.state_checkpoint import STATE_FORMAT, StateCheckpointing  # noqa: F401  (re-exported)
 from lightning_compress.stats import CompressionStats
 
@@ -59,7 +60,7 @@ class CompressionState(StateCheckpointing):
         # settings
         "config", "compressor", "feedback", "transport",
         # process group
-        "process_group", "rank", "world_size", "collectives",
+        "process_group", "rank", "world_size", "collectives", "hierarchy",
         # parameter bookkeeping
         "param_names", "param_index", "param_shapes",
         # internal state
@@ -106,7 +107,12 @@ class CompressionState(StateCheckpointing):
         # False: every bucket's exchange finishes before the hook returns (same results, no overlap)
         self.overlap = True
         self.stats = CompressionStats(world_size=self.world_size)
+        self.hierarchy = None
         self._set_config(config)
+        # hierarchical=True: the node layout and its process groups, made here on every rank (None: flat)
+        self.hierarchy = make_hierarchy(config, self)
+        if self.hierarchy is not None:
+            self._set_config(config)
         self._reset_step_counters()
         if self.rank == 0:
             # The integrations print the settings once, in their start line (lightning_compress.report).
@@ -175,7 +181,10 @@ class CompressionState(StateCheckpointing):
         self.config = config
         self.compressor = config.make_compressor()
         self.feedback = make_feedback(config.feedback, self.compressor, diana_alpha=config.diana_alpha)
-        self.transport = config.transport_for(self.world_size, adaptive=self.adaptive is not None)
+        if getattr(self, "hierarchy", None) is not None:
+            self.transport = "hierarchical"  # lightning_compress.hierarchy; across nodes config.transport_for(nodes)
+        else:
+            self.transport = config.transport_for(self.world_size, adaptive=self.adaptive is not None)
 
     def request_update(self, **changes: Any) -> None:
         """Change ``density`` and/or ``bits`` from the next step on (validated now)."""
@@ -243,10 +252,15 @@ class CompressionState(StateCheckpointing):
         if self.adaptive is not None:
             self.adaptive.finish_step(self)  # one small all_gather, counted in this step's bytes
         comm, s = self.collectives, self.stats
-        s.bytes_last_step, s.sent_bytes_last_step = comm.bytes_handed, comm.bytes_sent
+        # Collectives of all ranks may cross nodes; of a hierarchy's two groups only the cross-node one does.
+        handed, sent, across = comm.bytes_handed, comm.bytes_sent, comm.bytes_sent
+        if self.hierarchy is not None:
+            handed, sent, across = (a + b for a, b in zip((handed, sent, across), self.hierarchy.take_counts()))
+        s.bytes_last_step, s.sent_bytes_last_step, s.sent_bytes_across_nodes_last_step = handed, sent, across
         s.dense_bytes_last_step = self._step_dense_bytes
-        s.bytes_total += comm.bytes_handed
-        s.sent_bytes_total += comm.bytes_sent
+        s.bytes_total += handed
+        s.sent_bytes_total += sent
+        s.sent_bytes_across_nodes_total += across
         s.dense_bytes_total += self._step_dense_bytes
         s.gain = 1.0 - self._step_err / self._step_norm if self._step_norm > 0 else 1.0
         s.compressed_last_step = self._step_compressed
@@ -342,7 +356,7 @@ class CompressionState(StateCheckpointing):
         return {
             slot: getattr(self, slot)
             for slot in self.__slots__
-            if slot not in ("process_group", "collectives", "pipeline", "momentum")
+            if slot not in ("process_group", "collectives", "hierarchy", "pipeline", "momentum")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -352,3 +366,4 @@ class CompressionState(StateCheckpointing):
         self.collectives = Collectives(None, self.world_size, self.rank)
         self.pipeline = StepPipeline()
         self.momentum = None
+        self.hierarchy = None  # its process groups stay behind: the copy runs flat

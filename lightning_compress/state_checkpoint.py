@@ -52,6 +52,7 @@ class StateCheckpointing:
             "velocity": {name: t.detach().clone() for name, t in self.velocity.items()},
             "factors": {name: t.detach().clone() for name, t in self.factors.items()},
             "shapes": {name: list(self.param_shapes[name]) for name in sorted(saved_names & set(self.param_shapes))},
+            "node_layout": self._node_layout(),
             "momentum": self.momentum.state_dict() if self.momentum is not None else self._momentum_saved,
             "stats": asdict(self.stats),
             "adaptive": self.adaptive.controller.state_dict() if self.adaptive is not None else self._adaptive_saved,
@@ -64,8 +65,8 @@ class StateCheckpointing:
 
         * Structure: the keys :meth:`state_dict` writes must be there (``ValueError`` naming the missing ones).
         * Rank: with the same world size the state must be this rank's own (``ValueError``).
-        * World size, compressor, feedback: when one differs, all memory starts from zero (a warning;
-          velocities survive a compressor change).
+        * World size, compressor, feedback, node layout (``hierarchical``: memory holds this rank's shard):
+          when one differs, all memory starts from zero (a warning; velocities survive a compressor change).
         * PowerSGD's factors (the same on every rank, any world size): restored when both runs use
           ``powersgd`` and the factor fits this run's shape and ``powersgd_rank``; others start afresh.
         * Per tensor (memory, server memory, velocity): an entry for a name the model does not have is
@@ -202,6 +203,15 @@ class StateCheckpointing:
                 return f"{key} {_NOT_FINITE}"
         return None
 
+    def _node_layout(self) -> list[int] | None:
+        """``[ranks per node, nodes]`` of a hierarchical exchange (``None``: flat)."""
+        return None if self.hierarchy is None else list(self.hierarchy.layout)
+
+    def _memory_numel(self, name: str) -> int | None:
+        """Values in each memory tensor of ``name``: ``None`` for the parameter's own; with a hierarchy, its shard's."""
+        shape = self.param_shapes.get(name)
+        return None if self.hierarchy is None or shape is None else self.hierarchy.memory_numel(math.prod(shape))
+
     def _restorable_memory(self, state, saved: CompressionConfig, saved_world: int, fmt: int, notes: list[str]):
         """The memory and server memory to restore, checked tensor by tensor."""
         mismatch = []
@@ -210,6 +220,9 @@ class StateCheckpointing:
         for key in ("compressor", "feedback"):
             if getattr(saved, key) != getattr(self.config, key):
                 mismatch.append(f"{key} {getattr(saved, key)!r} -> {getattr(self.config, key)!r}")
+        saved_layout = state.get("node_layout")  # hierarchical: memory holds this rank's shard in that layout
+        if (list(saved_layout) if saved_layout else None) != self._node_layout():
+            mismatch.append(f"node layout (ranks per node, nodes) {saved_layout} -> {self._node_layout()}")
         if mismatch:
             warnings.warn(
                 "lightning_compress: the saved compression memory does not fit this run ("
@@ -231,7 +244,7 @@ class StateCheckpointing:
             if set(mem) != keys:
                 why = f"holds {sorted(mem)}, feedback {self.feedback.name!r} keeps {sorted(keys)}"
             else:
-                why = self._fit(name, mem, shapes, fmt)
+                why = self._fit(name, mem, shapes, fmt, numel=self._memory_numel(name))
             if shared and why is not None and why.endswith(_NOT_FINITE):
                 raise ValueError(
                     f"the saved {self.feedback.name} memory of {name!r}: {why}. {self.feedback.name.upper()} keeps "
@@ -249,7 +262,7 @@ class StateCheckpointing:
             expected = self.param_shapes.get(name)
             if expected is not None:
                 lo, hi = shard_bounds(math.prod(expected), self.world_size, self.rank)
-                shard = hi - lo
+                shard = hi - lo if self.hierarchy is None else self.hierarchy.server_numel(math.prod(expected))
             why = self._fit(name, {"server residual": t}, shapes, fmt, numel=shard)
             if why is not None:
                 notes.append(f"server memory of {name!r}: {why}")

@@ -42,6 +42,11 @@ class CompressionStats:
     encode_seconds_total: float = 0.0
     decode_seconds_total: float = 0.0
     wait_seconds_total: float = 0.0
+    #: what this rank sent through collectives whose ranks may be on other nodes: with ``hierarchical=True``
+    #: the cross-node exchange and the sums over all ranks (dense tensors, fallbacks), not the traffic
+    #: inside a node; otherwise every collective (on one node, an upper bound)
+    sent_bytes_across_nodes_last_step: float = 0.0
+    sent_bytes_across_nodes_total: float = 0.0
 
     world_size: int = 1
 

@@ -63,6 +63,8 @@ class _CompressedDDPMixin(_CompressionCore):
         dgc_sample_fraction: float = 0.01,
         momentum: MomentumMode = "auto",
         powersgd_rank: int = 4,
+        hierarchical: bool = False,
+        ranks_per_node: int = 0,
         save_compression_memory: bool = True,
         log_compression_stats: bool = True,
         accelerator: Any = None,
@@ -194,7 +196,8 @@ class CompressedDDPStrategy(_CompressedDDPMixin, DDPStrategy):
         log_compression_stats: add a :class:`~lightning_compress.CompressionMonitor`
             (ratio, bytes sent, gain per step) unless one is already among the callbacks.
         compressor, density, bits, feedback, transport, warmup_steps, min_numel, block_size, seed, diana_alpha,
-            dgc_sample_fraction, momentum, powersgd_rank: the :class:`~lightning_compress.CompressionConfig` fields.
+            dgc_sample_fraction, momentum, powersgd_rank, hierarchical, ranks_per_node: the
+            :class:`~lightning_compress.CompressionConfig` fields.
 
     Raises:
         ValueError: a compression option is invalid, or ``ddp_comm_hook``/``ddp_comm_state``/``ddp_comm_wrapper``
