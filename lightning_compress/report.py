@@ -35,7 +35,7 @@ from lightning_compress.adaptive import compressor_at
 from lightning_compress.compressors import Compressor
 from lightning_compress.compressors.base import WIRE_ALIGN
 from lightning_compress.config import CompressionConfig
-from lightning_compress.hierarchy import expected_sent, node_layout
+from lightning_compress.nodes import expected_sent, node_layout
 from lightning_compress.transport import shard_bounds
 
 __all__ = [

@@ -14,7 +14,7 @@ from lightning_compress.collectives import Collectives
 from lightning_compress.config import TWO_PASS_FROM, CompressionConfig
 from lightning_compress.exchange import StepPipeline
 from lightning_compress.feedback import make_feedback
-from lightning_compress.hierarchy import make_hierarchy
+from lightning_compress.nodes import make_hierarchy
 from lightning_compress.state_checkpoint import STATE_FORMAT, StateCheckpointing  # noqa: F401  (re-exported)
 from lightning_compress.stats import CompressionStats
 
