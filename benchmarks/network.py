@@ -90,6 +90,7 @@ OURS = (
     "compressor=topk,density=0.01,feedback=ef21",
     "compressor=qsgd,bits=4,block_size=128,feedback=ef",
     "compressor=randk,density=0.01,feedback=diana",
+    "compressor=powersgd,powersgd_rank=2,feedback=ef",
     "gravac:compressor=topk,feedback=ef",
 )
 DEFAULT_CONFIGS = TORCH_CONFIGS + OURS
