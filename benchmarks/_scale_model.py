@@ -14,7 +14,7 @@ as the library exchanges it:
   ``allgather`` ``N-1`` times it, ``two_pass`` an all_to_all of ``N`` rows of shard payloads
   (``(N-1)/N`` of the buffer) and an all_gather of the compressed shard sum; the bucket's other
   tensors travel densely beside the wire: by allreduce beside ``allreduce``, and, as the library's
-  rank-ordered sum does, by all_gather from 3 ranks on beside ``allgather`` and ``two_pass``;
+  rank-ordered sum does, by all_gather from 3 to 8 ranks beside ``allgather`` and ``two_pass``;
 * ``powersgd``: per bucket an allreduce of every matrix's ``P`` (``n x r``) and one of every ``Q``
   (``m x r``), plus one dense allreduce of what is not compressed;
 * ``hierarchical`` (``L`` ranks per node, ``M = N / L`` nodes), as :mod:`lightning_compress.hierarchy`
@@ -53,6 +53,7 @@ from typing import Iterable, Mapping, Sequence
 MiB = 1 << 20
 GBIT = 1e9 / 8  # bytes per second of one Gbit/s
 WIRE_ALIGN = 8  # the library's payload alignment (and flag slot) in packed wires
+ORDERED_SUM_UP_TO = 8  # the library's Collectives.ORDERED_SUM_UP_TO: rank-ordered sums by all_gather up to it
 KINDS = ("allreduce", "all_gather", "all_to_all", "reduce_scatter")
 Shape = tuple[int, ...]
 
@@ -340,7 +341,8 @@ def _wire_ops(scheme: Scheme, numels: Sequence[int], rest: int, group: int, scop
         else:
             raise ValueError(f"unknown transport {t!r}")
     if rest:
-        ordered = scheme.ordered_rest and t != "allreduce" and group > 2  # the library's rank-ordered sum
+        # the library's rank-ordered sum (Collectives.sum_ordered_async): an all_gather from 3 to 8 ranks
+        ordered = scheme.ordered_rest and t != "allreduce" and 2 < group <= ORDERED_SUM_UP_TO
         ops.append(Op("all_gather" if ordered else "allreduce", group, 4 * rest, scope))
     return ops
 

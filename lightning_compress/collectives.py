@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["Collectives", "done_future"]
+__all__ = ["Collectives", "ORDERED_SUM_UP_TO", "done_future"]
+
+#: Up to this many ranks :meth:`Collectives.sum_ordered_async` gathers and adds in rank order (bytes
+#: per rank N-1 times the tensor); beyond it, an allreduce (2(N-1)/N, flat in N).
+ORDERED_SUM_UP_TO = 8
 
 # Newer PyTorch renames all_gather_into_tensor (and deprecates the old name).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -88,10 +92,13 @@ class Collectives:
         element lies in ``tensor``: an allreduce of 3 or more ranks adds in an order that follows
         the element's position in the buffer, and DDP packs its buckets differently in a run's
         first step than after it rebuilds them, so a resumed run would differ in the last bits.
-        On 2 ranks an allreduce is already exact (``a + b == b + a``); from 3 on this is an
-        all_gather and ``n - 1`` additions, meant for the small tensors that stay dense.
+        On 2 ranks an allreduce is already exact (``a + b == b + a``); from 3 to
+        :data:`ORDERED_SUM_UP_TO` ranks this is an all_gather and ``n - 1`` additions, meant for the
+        small tensors that stay dense. Its bytes per rank grow as ``n - 1``, so beyond that many ranks
+        it is an allreduce again (bytes flat in ``n``): there a resumed run may differ from an
+        uninterrupted one in the last bits of those tensors.
         """
-        if self.world_size <= 2:
+        if self.world_size <= 2 or self.world_size > ORDERED_SUM_UP_TO:
             return self.allreduce_async(tensor)
         gathered, fut = self.all_gather_async(tensor)
 

@@ -128,3 +128,25 @@ def _warn_and_gravac_worker(rank, world):
 
 def test_non_scaling_pairs_warn_and_gravac_falls_back_to_all_gather():
     run_distributed(_warn_and_gravac_worker, world_size=4)
+
+
+def test_rank_ordered_sum_is_an_allreduce_beyond_eight_ranks():
+    # Bytes per rank of the small dense tensors stay flat on many ranks (the all_gather would send N-1 copies).
+    from lightning_compress.collectives import ORDERED_SUM_UP_TO, Collectives, done_future
+
+    for n, kind in ((4, "all_gather"), (ORDERED_SUM_UP_TO, "all_gather"), (ORDERED_SUM_UP_TO + 1, "allreduce")):
+        comm, calls = Collectives(None, n, 0), []
+
+        def allreduce(t, calls=calls):
+            calls.append("allreduce")
+            return done_future(t)
+
+        def all_gather(t, calls=calls, n=n):
+            calls.append("all_gather")
+            return torch.ones(n, t.numel()), done_future(None)
+
+        comm.allreduce_async, comm.all_gather_async = allreduce, all_gather
+        out = comm.sum_ordered_async(torch.zeros(4)).wait()
+        assert calls == [kind], (n, calls)
+        if kind == "all_gather":
+            assert torch.equal(out, torch.full((4,), float(n)))  # every rank's row added

@@ -173,6 +173,9 @@ def test_matches_the_library():
         for numel in (1, 1000, 1024, 4097, 2_097_152):
             assert sm.payload_nbytes(sm.scheme_from_config(cfg, 2), numel) == comp.payload_nbytes(numel)
     assert math.isclose(sm.GBIT * 8, 1e9)
+    from lightning_compress.collectives import ORDERED_SUM_UP_TO
+
+    assert sm.ORDERED_SUM_UP_TO == ORDERED_SUM_UP_TO
 
 
 def test_log_latency_variant_keeps_the_bytes():
