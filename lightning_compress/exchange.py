@@ -68,6 +68,29 @@ class Flight:
         """Collectives are left that :meth:`issue_next` issues one per call (a hierarchical flight's stages)."""
         return False
 
+    def _complete(self, fut: torch.futures.Future, arrived_ok) -> None:
+        """The last collective's completion callback: re-raise its failure; if ``arrived_ok()`` (every
+        rank's data was finite) commit and complete the result, else leave the bucket to the drain's
+        dense fallback. Never issues a collective."""
+        start = time.perf_counter()
+        try:
+            fut.wait()  # re-raises a failed collective
+            if not arrived_ok():
+                self.failed = True
+                return
+            self._commit()
+            self.result.set_result(self.buffer)
+        except BaseException as exc:
+            if not self.result.done():
+                self.result.set_exception(exc)
+            raise
+        finally:
+            self.callback_seconds += time.perf_counter() - start
+
+    def _commit(self) -> None:
+        """Write the result and the new memory (see :meth:`_complete`)."""
+        raise NotImplementedError
+
     def fallback(self, comm: Collectives, world_size: int) -> None:
         """Average the untouched bucket densely and complete the result (hook thread, waits)."""
         self.buffer.div_(world_size)
@@ -246,20 +269,7 @@ class CompressedFlight(Flight):
 
     # ----- completion (callback thread) ---------------------------------------------------------
     def _finish(self, fut: torch.futures.Future) -> None:
-        start = time.perf_counter()
-        try:
-            fut.wait()  # re-raises a failed collective
-            if not self.transport.finish():
-                self.failed = True
-                return
-            self._commit()
-            self.result.set_result(self.buffer)
-        except BaseException as exc:
-            if not self.result.done():
-                self.result.set_exception(exc)
-            raise
-        finally:
-            self.callback_seconds += time.perf_counter() - start
+        self._complete(fut, self.transport.finish)
 
     def _commit(self) -> None:
         state, fb = self.state, self.state.feedback

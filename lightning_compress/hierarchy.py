@@ -206,23 +206,13 @@ class HierarchicalFlight(Flight):
 
     # ----- completion (callback thread) ---------------------------------------------------------------------
     def _finish(self, fut: torch.futures.Future) -> None:
-        start = time.perf_counter()
-        try:
-            fut.wait()  # re-raises a failed collective
-            failed = bool(self.gathered[:, self.row].any())
-            if not failed and self.rest_flat is not None:  # the same sum on every rank
-                failed = not all_finite(self.rest_flat)
-            if failed:
-                self.failed = True
-                return
-            self._commit()
-            self.result.set_result(self.buffer)
-        except BaseException as exc:
-            if not self.result.done():
-                self.result.set_exception(exc)
-            raise
-        finally:
-            self.callback_seconds += time.perf_counter() - start
+        self._complete(fut, self._arrived_finite)
+
+    def _arrived_finite(self) -> bool:
+        """Every shard's flag is clear, and the dense tensors' sum (the same on every rank) is finite."""
+        if bool(self.gathered[:, self.row].any()):
+            return False
+        return self.rest_flat is None or all_finite(self.rest_flat)
 
     def _commit(self) -> None:
         state = self.state
