@@ -187,35 +187,33 @@ def _resume_worker(rank, world):
 
     saved = torch.load(io.BytesIO(snapshot), weights_only=True)
     assert set(saved["compression"]["factors"]) == WEIGHTS
-    model = make_model(seed=99)
-    model.load_state_dict(saved["model"])
-    ddp2 = wrap(model)
-    state2 = register_compression(ddp2, cfg)
-    state2.load_state_dict(saved["compression"])
-    opt2 = torch.optim.SGD(ddp2.parameters(), lr=0.05, momentum=0.9)
-    opt2.load_state_dict(saved["opt"])
-    for _ in range(3):
-        opt2.zero_grad()
-        nn.functional.mse_loss(ddp2(x), y).backward()
-        opt2.step()
-    for a, b in zip(final, ddp2.parameters()):
-        assert torch.equal(a, b.detach()), "resumed run differs"
+    resumed, _ = _resume(saved, cfg, x, y)
+    for a, b in zip(final, resumed):
+        assert torch.equal(a, b), "resumed run differs"
 
     # Without the factors (an older checkpoint) it goes on from fresh ones: it runs, and differs.
     saved["compression"].pop("factors")
+    resumed, loaded = _resume(saved, cfg, x, y)
+    assert loaded == {}
+    assert not all(torch.equal(a, b) for a, b in zip(final, resumed))
+
+
+def _resume(saved, cfg, x, y, steps: int = 3):
+    """A new model and DDP wrap loading ``saved``, trained ``steps`` more: its parameters, and the
+    factors the compression state held right after the load."""
     model = make_model(seed=99)
     model.load_state_dict(saved["model"])
-    ddp3 = wrap(model)
-    state3 = register_compression(ddp3, cfg)
-    state3.load_state_dict(saved["compression"])
-    assert state3.factors == {}
-    opt3 = torch.optim.SGD(ddp3.parameters(), lr=0.05, momentum=0.9)
-    opt3.load_state_dict(saved["opt"])
-    for _ in range(3):
-        opt3.zero_grad()
-        nn.functional.mse_loss(ddp3(x), y).backward()
-        opt3.step()
-    assert not all(torch.equal(a, b.detach()) for a, b in zip(final, ddp3.parameters()))
+    ddp = wrap(model)
+    state = register_compression(ddp, cfg)
+    state.load_state_dict(saved["compression"])
+    loaded = dict(state.factors)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    opt.load_state_dict(saved["opt"])
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    return [p.detach() for p in ddp.parameters()], loaded
 
 
 def test_resume_is_bitwise_exact_with_the_factors():
