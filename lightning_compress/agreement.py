@@ -23,16 +23,23 @@ The digests travel over a gloo group of their own (the ranks of the exchange's g
 once per group), never over the group that carries the gradients. That matters in the one
 case no check without a per-step exchange can see in time: state loaded on some ranks only
 *after* training started. Such a rank checks at its next step while its peers, which know of
-no load, already wait for it in that step's first gradient collective. It waits at the check
-for the process group's timeout and then raises an error that says so, instead of issuing a
+no load, already wait for it in that step's first gradient collective. It never issues a
 gradient collective its peers do not match (which gloo answers with an abort, a hang or
-garbage).
+garbage): it waits at the check, and raises an error that says why. Once training has started
+(this state passed a check at a step before) ranks reach a step's first bucket close together,
+so that wait is bounded by :data:`AFTER_START_TIMEOUT_S` seconds (environment variable
+``LIGHTNING_COMPRESS_CHECK_TIMEOUT``), not the process group's timeout (30 minutes by default).
+When the rank that raised exits, its peers' pending gradient collective fails at once
+(gloo: "Connection closed by peer"), so the whole job ends in seconds instead of hanging.
+The checks at registration and at the first step wait for the process group's timeout:
+ranks may start far apart (data loading, compilation).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import weakref
 from dataclasses import fields
 from datetime import timedelta
@@ -46,7 +53,7 @@ from lightning_compress.config import CompressionConfig
 if TYPE_CHECKING:
     from lightning_compress.state import CompressionState
 
-__all__ = ["FIELDS", "AgreementError", "check_agreement", "describe", "digest"]
+__all__ = ["AFTER_START_TIMEOUT_S", "FIELDS", "AgreementError", "check_agreement", "describe", "digest"]
 
 # Newer PyTorch renames all_gather_into_tensor (and deprecates the old name).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -56,6 +63,11 @@ log = logging.getLogger(__name__)
 CONFIG_FIELDS = tuple(f.name for f in fields(CompressionConfig))
 #: Everything the digest covers, one hash each, in this order.
 FIELDS = (*CONFIG_FIELDS, "pending", "step", "world_size", "parameters", "memory", "momentum", "adaptive", "hierarchy")
+
+#: Seconds a check waits for the other ranks once training has started (see the module docstring);
+#: ``LIGHTNING_COMPRESS_CHECK_TIMEOUT`` overrides it. Never longer than the process group's timeout.
+AFTER_START_TIMEOUT_S = 120.0
+_TIMEOUT_ENV = "LIGHTNING_COMPRESS_CHECK_TIMEOUT"
 
 # id(exchange group) -> weak references to (that group, its gloo check group). Weak: torch's registry owns
 # both, and destroy_process_group ends them; a reference here must not keep them alive past that.
@@ -98,7 +110,7 @@ def digest(values: dict[str, Any]) -> torch.Tensor:
     return torch.tensor([_hash(values[name]) for name in FIELDS], dtype=torch.int64)
 
 
-def check_agreement(state: CompressionState, when: str) -> None:
+def check_agreement(state: CompressionState, when: str, *, started: bool = False) -> None:
     """Compare this rank's digest with every other rank's of ``state``'s group; raise on a mismatch.
 
     A collective: every rank of the group must call it at the same point (see the module
@@ -107,27 +119,33 @@ def check_agreement(state: CompressionState, when: str) -> None:
     Args:
         state: this rank's compression state.
         when: where the check runs, for the error message (e.g. ``"at registration"``).
+        started: training has started (this state passed a check at an earlier step): wait for the
+            other ranks at most :func:`after_start_timeout` instead of the process group's timeout.
 
     Raises:
         AgreementError: (a ``RuntimeError``) the ranks differ; the message names each differing
             field and every rank's value. Every rank raises it.
-        RuntimeError: the other ranks did not reach the check within the process group's timeout.
+        RuntimeError: the other ranks did not reach the check in time (see ``started``).
     """
     if state.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return
     group, timeout = _check_group(state)
+    if started:
+        timeout = min(timeout, timedelta(seconds=after_start_timeout()))
     values = describe(state)
     mine = digest(values)
     gathered = torch.empty(state.world_size, mine.numel(), dtype=torch.int64)
     try:
-        _all_gather_single(gathered.view(-1), mine, group=group)
+        _all_gather_single(gathered.view(-1), mine, group=group, async_op=True).wait(timeout=timeout)
     except RuntimeError as err:
+        bound = f" (raise it with {_TIMEOUT_ENV}=<seconds>)" if started else ""
         raise RuntimeError(
             f"lightning_compress: rank {state.rank}'s settings check {when} failed: the other ranks did not join it "
-            f"within {timeout} ({err}). The usual cause is compression state loaded on some ranks only after "
+            f"within {timeout}{bound} ({err}). The usual cause is compression state loaded on some ranks only after "
             "training started: the others, knowing of no load, wait for this rank in the step's gradient exchange "
             "instead. Call CompressionState.load_state_dict on every rank, each with its own state, at the same "
-            f"point of the loop. This rank holds step={state.step}."
+            f"point of the loop. This rank holds step={state.step}. The process group cannot be used after this "
+            "error: end the process."
         ) from err
     differing = [name for i, name in enumerate(FIELDS) if bool((gathered[:, i] != gathered[0, i]).any())]
     if not differing:
@@ -135,6 +153,21 @@ def check_agreement(state: CompressionState, when: str) -> None:
     every: list[Any] = [None] * state.world_size
     dist.all_gather_object(every, {name: values[name] for name in differing}, group=group)
     raise AgreementError(_message(differing, every, when))
+
+
+def after_start_timeout() -> float:
+    """Seconds a check waits once training has started: ``LIGHTNING_COMPRESS_CHECK_TIMEOUT`` or
+    :data:`AFTER_START_TIMEOUT_S`."""
+    raw = os.environ.get(_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return AFTER_START_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{_TIMEOUT_ENV} must be a number of seconds above 0; got {raw!r}")
+    return seconds
 
 
 def _message(differing: list[str], every: list[dict[str, Any]], when: str) -> str:

@@ -67,7 +67,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         # DDP hands bucket 0 over first: no other collective of this step has been issued yet.
         when = state.agreement_due()
         if when is not None:
-            check_agreement(state, when)
+            check_agreement(state, when, started=state.started)
             state.agreed()
         state.pipeline.reset()  # buckets are handed over in order: anything left is from a step that raised
     flight: Flight

@@ -67,7 +67,7 @@ class CompressionState(StateCheckpointing):
         "step", "memory", "server_memory", "velocity", "factors", "_pending", "_scratch", "adaptive", "_adaptive_saved",
         "momentum", "_momentum_saved", "pipeline", "overlap", "_adjusted",
         # the ranks' settings check: why one is due at the next step, and what was attached at the last one
-        "_agreement_due", "_agreed_attachments",
+        "_agreement_due", "_agreed_attachments", "started",
         # stats
         "stats", "_step_dense_bytes", "_step_err", "_step_norm", "_step_compressed", "_step_buckets",
         "_step_encode_s", "_step_decode_s", "_step_wait_s", "_step_fallbacks",
@@ -103,6 +103,7 @@ class CompressionState(StateCheckpointing):
         # Every rank checks at its first step (see lightning_compress.agreement), so it is due from the start.
         self._agreement_due: str | None = "at the first step"
         self._agreed_attachments: tuple[int, int] = (id(None), id(None))
+        self.started = False  # a step's check passed: training started (later checks wait less, see agreement)
         self.pipeline = StepPipeline()  # the buckets of the current step in flight
         # False: every bucket's exchange finishes before the hook returns (same results, no overlap)
         self.overlap = True
@@ -210,6 +211,7 @@ class CompressionState(StateCheckpointing):
         """Record that the ranks just agreed on everything this state holds."""
         self._agreement_due = None
         self._agreed_attachments = (id(self.momentum), id(self.adaptive))
+        self.started = True
 
     # ----- per-step bookkeeping (called by the hook) -----------------------------------------
     def _reset_step_counters(self) -> None:

@@ -186,31 +186,48 @@ def test_loads_and_optimizers_that_differ_stop_every_rank_at_the_next_step():
 
 def _lone_load_worker(rank, world):
     """State loaded on rank 0 only, after training started: rank 0 cannot know its peer did not load until the
-    peer fails to join the check; it stops after the process group's timeout, saying why, and never issues a
-    gradient collective its peer does not match."""
+    peer fails to join the check. Once training started the check waits LIGHTNING_COMPRESS_CHECK_TIMEOUT seconds,
+    not the process group's timeout (200 s here): rank 0 stops saying why, never issuing a gradient collective its
+    peer does not match, and when it exits its peer's pending gradient exchange fails at once."""
+    os.environ["LIGHTNING_COMPRESS_CHECK_TIMEOUT"] = "3"
     cfg = CompressionConfig(compressor="sign", feedback="ef", **BASE)
     x, y = make_data(rank)
     ddp = wrap(make_model())
     state = register_compression(ddp, cfg)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     train(ddp, opt, x, y, 3)
+    assert state.started
     if rank == 0:
         state.load_state_dict(state.state_dict() | {"step": 1})
     start = time.monotonic()
     if rank == 0:
         raises_on_every_rank(
-            lambda: train(ddp, opt, x, y, 1), "rank 0's settings check", "did not join it", "loaded on some ranks only",
-            "load_state_dict on every rank", "step=1",
+            lambda: train(ddp, opt, x, y, 1), "rank 0's settings check", "did not join it within 0:00:03",
+            "LIGHTNING_COMPRESS_CHECK_TIMEOUT", "loaded on some ranks only", "load_state_dict on every rank", "step=1",
         )
+        assert time.monotonic() - start < 30
     else:
-        with pytest.raises(RuntimeError):  # its own gradient exchange times out: rank 0 never joined it
+        with pytest.raises(RuntimeError):  # rank 0 never joins its gradient exchange, and then exits
             train(ddp, opt, x, y, 1)
-    assert time.monotonic() - start < 30
+        assert time.monotonic() - start < 60  # far below the process group's 200 s
     _exit_now()
 
 
-def test_state_loaded_on_one_rank_after_training_started_stops_within_the_timeout():
-    run_bounded(_lone_load_worker, pg_timeout_s=8, deadline_s=90)
+def test_state_loaded_on_one_rank_after_training_started_stops_within_the_check_timeout():
+    run_bounded(_lone_load_worker, pg_timeout_s=200, deadline_s=150)
+
+
+def test_check_timeout_after_start_is_read_from_the_environment(monkeypatch):
+    from lightning_compress.agreement import AFTER_START_TIMEOUT_S, after_start_timeout
+
+    monkeypatch.delenv("LIGHTNING_COMPRESS_CHECK_TIMEOUT", raising=False)
+    assert after_start_timeout() == AFTER_START_TIMEOUT_S
+    monkeypatch.setenv("LIGHTNING_COMPRESS_CHECK_TIMEOUT", "2.5")
+    assert after_start_timeout() == 2.5
+    for bad in ("0", "-3", "soon", "nan", "inf"):
+        monkeypatch.setenv("LIGHTNING_COMPRESS_CHECK_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="LIGHTNING_COMPRESS_CHECK_TIMEOUT must be a number of seconds"):
+            after_start_timeout()
 
 
 # ----- 2. checkpoints that do not fit are refused or start fresh, never half-applied ----------------------
