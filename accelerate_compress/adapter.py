@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from accelerate_compress.flag import adaptive_from_env, adaptive_options, config_from_env, resolve
 from lightning_compress import integration, report
 from lightning_compress.adaptive import attach_gravac
-from lightning_compress.config import CompressionConfig
+from lightning_compress.config import CompressionConfig, build_config
 from lightning_compress.hook import get_compression_state, register_compression
 from lightning_compress.momentum import attach_optimizer
 from lightning_compress.state import CompressionState
@@ -45,15 +45,13 @@ def _find_ddp(model: Any) -> DistributedDataParallel | None:
 def _as_config(config: CompressionConfig | Mapping[str, Any] | str | None) -> CompressionConfig | None:
     if config is None:
         return config_from_env()
-    if isinstance(config, CompressionConfig):
-        return config
-    if isinstance(config, str):
+    if isinstance(config, str):  # the flag's grammar: inline "k=v,..." (with GraVAC keys) or a YAML file
         from accelerate_compress.flag import parse_setting
 
         return resolve(parse_setting(config))
     if isinstance(config, Mapping):
         return resolve(config)
-    raise TypeError(f"`config` must be a CompressionConfig, a dict or a 'key=value,...' string; got {type(config)}")
+    return build_config(config)  # a CompressionConfig as it is, or the TypeError naming what is accepted
 
 
 class CompressionCheckpoint:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from lightning_compress.config import CompressionConfig
+from lightning_compress.config import CompressionConfig, build_config
 
 __all__ = [
     "ADAPTIVE",
@@ -173,7 +173,7 @@ def resolve(*layers: Mapping[str, Any] | None) -> CompressionConfig:
     for layer in layers:
         if layer:
             merged.update({k: v for k, v in _split_adaptive(layer).items() if v is not None})
-    return CompressionConfig.from_dict(merged)
+    return build_config(None, **merged)
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> CompressionConfig | None:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from lightning_compress.compressors import COMPRESSORS, Compressor
 from lightning_compress_kernels import SUPPORTED_BITS
 
-__all__ = ["CompressionConfig", "FEEDBACKS", "MOMENTUM_MODES", "TRANSPORTS"]
+__all__ = ["CompressionConfig", "FEEDBACKS", "MOMENTUM_MODES", "TRANSPORTS", "build_config"]
 
 FEEDBACKS = ("none", "ef", "ef21", "diana", "doublesqueeze")
 TRANSPORTS = ("auto", "allreduce", "allgather", "two_pass")
@@ -272,6 +272,42 @@ class CompressionConfig:
                 raise ValueError(f"unknown compression option {key!r} in {text!r}; allowed: {sorted(_FIELD_TYPES)}")
             values[key] = _parse_value(key, raw)
         return cls.from_dict(values)
+
+
+def build_config(
+    compression: CompressionConfig | Mapping[str, Any] | str | None = None, **options: Any
+) -> CompressionConfig:
+    """A validated :class:`CompressionConfig` from a base (config, dict or ``"k=v,..."``) and field overrides.
+
+    The one path from options to a config: the Lightning and Fabric strategies, ``register_compression``
+    and Accelerate's flag (once its own grammar -- YAML files, GraVAC keys -- is read) all end here.
+    ``None`` values in ``options`` mean "not given"; given fields override the base.
+
+    Example::
+
+        >>> build_config("compressor=topk", density=0.1, feedback="ef21").density
+        0.1
+    """
+    unknown = sorted(set(options) - set(_FIELD_TYPES))
+    if unknown:
+        raise ValueError(f"unknown compression option(s) {unknown}; allowed: {sorted(_FIELD_TYPES)}")
+    if compression is None:
+        base: dict[str, Any] = {}
+    elif isinstance(compression, CompressionConfig):
+        if not any(v is not None for v in options.values()):
+            return compression
+        base = compression.to_dict()
+    elif isinstance(compression, str):
+        base = CompressionConfig.from_string(compression).to_dict()
+    elif isinstance(compression, Mapping):
+        base = CompressionConfig.from_dict(compression).to_dict()
+    else:
+        raise TypeError(
+            "compression settings must be a CompressionConfig, a dict or a 'key=value,...' string; "
+            f"got {type(compression).__name__}"
+        )
+    base.update({k: v for k, v in options.items() if v is not None})
+    return CompressionConfig.from_dict(base)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.agreement import check_agreement
-from lightning_compress.config import CompressionConfig
+from lightning_compress.config import CompressionConfig, build_config
 from lightning_compress.exchange import CompressedFlight, DenseFlight, Flight, commit_velocities, dense_inputs
 from lightning_compress.hierarchy import HierarchicalFlight
 from lightning_compress.momentum import Prepared
@@ -230,14 +230,7 @@ def register_compression(
             "compression is already registered on this DDP model (DDP accepts one comm hook); "
             "use the CompressionState returned by the first register_compression call"
         )
-    if config is None:
-        config = CompressionConfig()
-    elif isinstance(config, str):
-        config = CompressionConfig.from_string(config)
-    elif isinstance(config, Mapping):
-        config = CompressionConfig.from_dict(config)
-    elif not isinstance(config, CompressionConfig):
-        raise TypeError(f"`config` must be a CompressionConfig, a dict or a 'key=value,...' string; got {type(config)}")
+    config = build_config(config)
     named = list(ddp_model.module.named_parameters())
     _check_index_range(config, named)
     names = {id(p): name for name, p in named}

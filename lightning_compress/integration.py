@@ -3,7 +3,8 @@
 Framework-free: this module imports PyTorch and the core only, never Lightning or Accelerate, so
 each integration calls it with its own objects:
 
-- options to a config: :func:`build_config` (a base config plus keyword overrides) and the checks of
+- options to a config: :func:`~lightning_compress.config.build_config` (a base config plus keyword
+  overrides, the one path every integration and ``register_compression`` take) and the checks of
   the keywords a DDP strategy hands on (:func:`check_ddp_keywords`, :func:`refuse_comm_hooks`);
 - the strategy names and class paths a registry gets (:func:`register_names`);
 - every rank's state in a checkpoint: :func:`rank_state_dict` (this rank's, on the CPU),
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress.compressors import COMPRESSORS
-from lightning_compress.config import FEEDBACKS, MOMENTUM_MODES, TRANSPORTS, CompressionConfig
+from lightning_compress.config import FEEDBACKS, MOMENTUM_MODES, TRANSPORTS, CompressionConfig, build_config
 from lightning_compress.state import CompressionState
 
 __all__ = [
@@ -64,38 +65,6 @@ STRATEGY_NAMES = (
 
 
 # ----- options to a config ------------------------------------------------------------------------
-def build_config(
-    compression: CompressionConfig | Mapping[str, Any] | str | None = None, **options: Any
-) -> CompressionConfig:
-    """A validated :class:`CompressionConfig` from a base (config, dict or ``"k=v,..."``) and field overrides.
-
-    ``None`` values in ``options`` mean "not given"; given fields override the base.
-
-    Example::
-
-        >>> build_config("compressor=topk", density=0.1, feedback="ef21").density
-        0.1
-    """
-    unknown = sorted(set(options) - set(CONFIG_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown compression option(s) {unknown}; allowed: {sorted(CONFIG_FIELDS)}")
-    if compression is None:
-        base: dict[str, Any] = {}
-    elif isinstance(compression, CompressionConfig):
-        base = compression.to_dict()
-    elif isinstance(compression, str):
-        base = CompressionConfig.from_string(compression).to_dict()
-    elif isinstance(compression, Mapping):
-        base = CompressionConfig.from_dict(compression).to_dict()
-    else:
-        raise TypeError(
-            f"`compression` must be a CompressionConfig, a dict or a 'key=value,...' string; "
-            f"got {type(compression).__name__}"
-        )
-    base.update({k: v for k, v in options.items() if v is not None})
-    return CompressionConfig.from_dict(base)
-
-
 def config_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`CompressionConfig` fields among a strategy constructor's ``arguments`` (its ``locals()``),
     in the config's order."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import inspect
+import typing
 import json
 import logging
 import os
@@ -296,6 +297,22 @@ def test_strategy_signature_shows_real_defaults_and_choices(cls):
     assert get_args(params["transport"].annotation) == TRANSPORTS
     assert get_args(params["momentum"].annotation) == MOMENTUM_MODES
     assert not {"ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period"} & set(params)
+
+
+def test_trainer_and_fabric_strategies_take_the_same_compression_options():
+    """The two constructors spell their options out (tools read signatures, not code) and hand them to one
+    shared body (``_CompressionCore._init_compression``): the lists must not drift apart or from the config."""
+    fields = list(CompressionConfig().to_dict())
+    hints = typing.get_type_hints(CompressionConfig)
+    trainer, fabric = (inspect.signature(c, eval_str=True).parameters for c in (CompressedDDPStrategy, FabricStrategy))
+    for params in (trainer, fabric):
+        assert [n for n in params if n in fields] == fields  # every field, in the config's order
+        for name in fields:
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+            if not get_args(params[name].annotation):  # the choices (Literal) are checked above
+                assert params[name].annotation == hints[name], name
+    for name in (*fields, "compression", "save_compression_memory"):
+        assert (trainer[name].annotation, trainer[name].default) == (fabric[name].annotation, fabric[name].default), name
 
 
 def test_keywords_override_a_base_config_when_off_their_default():
