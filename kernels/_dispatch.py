@@ -1,10 +1,10 @@
 """Which implementation of an op runs: the Triton kernels, the C library, or the torch twin.
 
 This module alone makes the choice. An op asks :func:`implementation` for the module that
-runs it (``kernels.cpu``, its Triton module, or ``None`` for its torch twin), saying which
-compiled kernels it has and whether its tensors' layout fits them; :func:`choose` gives the
-same choice with the reason. The device of the tensor and ``LIGHTNING_COMPRESS_KERNELS``
-(tests, benchmarks) decide the rest:
+runs it (``kernels.cpu`` or ``kernels.cpu_multi``, its Triton module, or ``None`` for its
+torch twin), saying which compiled kernels it has and whether its tensors' layout fits them;
+:func:`choose` gives the same choice with the reason. The device of the tensor and
+``LIGHTNING_COMPRESS_KERNELS`` (tests, benchmarks) decide the rest:
 
 * ``auto`` (default): CUDA tensors use Triton when it imports, CPU tensors use the
   compiled CPU path (:mod:`lightning_compress_kernels.cpu`) when it builds; otherwise the torch twin.
@@ -190,7 +190,7 @@ def implementation(
     tensor: torch.Tensor,
     *,
     triton: str | None = None,
-    cpu: bool = True,
+    cpu: str | None = "cpu",
     fits: bool | Callable[[], bool] = True,
 ) -> ModuleType | None:
     """The module whose function of the op's name runs it on ``tensor``, or None: run the torch twin.
@@ -198,15 +198,16 @@ def implementation(
     Args:
         tensor: as for :func:`choose`.
         triton: the ``kernels`` module holding the op's Triton kernel (``"triton_sign"``), if any.
-        cpu: the op has a C kernel in :mod:`lightning_compress_kernels.cpu`.
+        cpu: the ``kernels`` module holding the op's C kernel (:mod:`lightning_compress_kernels.cpu`,
+            or :mod:`lightning_compress_kernels.cpu_multi` for the ops on many tensors), if any.
         fits: as for :func:`choose`.
 
     Returns:
-        :mod:`lightning_compress_kernels.cpu`, the Triton module (imported now), or None.
+        The C module, the Triton module (imported now), or None.
     """
-    path = _decide(tensor, triton is not None, cpu, fits)[0]
+    path = _decide(tensor, triton is not None, cpu is not None, fits)[0]
     if path == "cpu":
-        return _cpu()
+        return _cpu() if cpu == "cpu" else importlib.import_module(f".{cpu}", __package__)
     if path == "triton":
         return importlib.import_module(f".{triton}", __package__)
     return None

@@ -202,7 +202,9 @@ def sign_ef_multi(
         raise ValueError(f"with a velocity the input scale is the velocity's `xs`; got scale={scale}")
     # One C call for the bucket; elsewhere a loop of the single-tensor op, each dispatched on its own.
     cpu = implementation(
-        xs[0], fits=lambda: _aligned(xs, blocks) and (velocity is None or fused_velocity_ok(xs, velocity))
+        xs[0],
+        cpu="cpu_multi",
+        fits=lambda: _aligned(xs, blocks) and (velocity is None or fused_velocity_ok(xs, velocity)),
     )
     if cpu is not None:
         return cpu.sign_ef_multi(xs, residuals, residuals_out, wire, offsets, blocks, scale, velocity)
@@ -246,7 +248,7 @@ def sign_decode_multi(
     """``outs[t] (+)= sum_r decode(wires[r] at offsets[t])`` for every tensor; returns ``outs``."""
     if not outs:
         return outs
-    cpu = implementation(outs[0], fits=lambda: _aligned(outs, blocks))
+    cpu = implementation(outs[0], cpu="cpu_multi", fits=lambda: _aligned(outs, blocks))
     if cpu is not None:
         return cpu.sign_decode_multi(wires, offsets, outs, blocks, assign)
     for out, off, block in zip(outs, offsets, blocks):

@@ -140,7 +140,7 @@ def scatter_add(values: Sequence[torch.Tensor], indices: Sequence[torch.Tensor],
     _check(out, "out")
     if len(values) != len(indices):
         raise ValueError(f"{len(values)} value tensors but {len(indices)} index tensors")
-    impl = implementation(out, triton="triton_topk", cpu=False) if values else None
+    impl = implementation(out, triton="triton_topk", cpu=None) if values else None
     if impl is not None:
         return impl.scatter_add(values, indices, out)
     for val, idx in zip(values, indices):
@@ -189,7 +189,7 @@ def topk_ef_multi(
         return empty, empty
     if velocity is not None and scale != 1.0:
         raise ValueError(f"with a velocity the input scale is the velocity's `xs`; got scale={scale}")
-    cpu = implementation(xs[0], fits=lambda: velocity is None or fused_velocity_ok(xs, velocity))
+    cpu = implementation(xs[0], cpu="cpu_multi", fits=lambda: velocity is None or fused_velocity_ok(xs, velocity))
     if cpu is not None:
         samples = []
         for x, k, seed in zip(xs, ks, seeds):
@@ -272,7 +272,7 @@ def sparse_decode_multi(
     """
     if not outs:
         return outs
-    cpu = implementation(outs[0])
+    cpu = implementation(outs[0], cpu="cpu_multi")
     if cpu is not None:
         return cpu.sparse_decode_multi(wires, offsets, ks, outs, assign)
     for out, off, k in zip(outs, offsets, ks):

@@ -1,7 +1,8 @@
-"""Building, caching and loading the C library (kernels/_build.py, kernels.cpu's build part).
+"""Planning, building, caching and loading the C library (kernels/_build_plan.py, kernels/_build.py).
 
-Most cases build a one-function C file, loading ``_build`` from its file in subprocesses so
-that they start without torch; the last ones run the real kernels.cpu in a subprocess.
+Most cases build a one-function C file, loading ``_build`` and ``_build_plan`` from their files
+in subprocesses so that they start without torch; the last ones run the real kernels.cpu (its
+build part) in a subprocess.
 Every subprocess runs under a timeout, and every cache lives under tmp_path.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_compress_kernels import _build
+from lightning_compress_kernels import _build, _build_plan
 
 REAL_CC = next((shutil.which(name) for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
 needs_cc = pytest.mark.skipif(REAL_CC is None, reason="no C compiler on PATH")
@@ -44,14 +45,15 @@ PLANTED = textwrap.dedent(
     int lc_answer(void) { return 7; }
     """
 )
-# Loads _build from its file, without the kernels package (which imports torch).
+# Loads _build (and the _build_plan it imports) from their files, without the kernels package's
+# __init__ (which imports torch): a bare package object with the folder as its path stands in for it.
 PRELUDE = textwrap.dedent(
     f"""
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("_build", {str(ROOT / "kernels" / "_build.py")!r})
-    b = importlib.util.module_from_spec(spec)
-    sys.modules["_build"] = b
-    spec.loader.exec_module(b)
+    import importlib, sys, types
+    package = types.ModuleType("kernels_without_torch")
+    package.__path__ = [{str(ROOT / "kernels")!r}]
+    sys.modules[package.__name__] = package
+    b = importlib.import_module(package.__name__ + "._build")
     """
 )
 
@@ -59,7 +61,7 @@ PRELUDE = textwrap.dedent(
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "cache"
-    monkeypatch.setenv(_build.CACHE_ENV, str(path))
+    monkeypatch.setenv(_build_plan.CACHE_ENV, str(path))
     monkeypatch.delenv("CC", raising=False)
     return path
 
@@ -91,9 +93,10 @@ def load(source: Path) -> ctypes.CDLL:
     return _build.load("tiny", source, FLAGS, VARIANTS)
 
 
-def planned(source: Path, flags=FLAGS + VARIANTS[0]) -> _build.Build:
-    cc = _build.compiler()
-    return _build.plan("tiny", source.read_bytes(), flags, _build.cache_dir(), cc, _build.compiler_version(cc))
+def planned(source: Path, flags=FLAGS + VARIANTS[0]) -> _build_plan.Build:
+    cc = _build_plan.compiler()
+    version = _build_plan.compiler_version(cc)
+    return _build_plan.plan("tiny", source.read_bytes(), flags, _build_plan.cache_dir(), cc, version)
 
 
 def run_python(code: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -131,13 +134,13 @@ def test_build_is_cached_checked_and_private(cache, source, tmp_path, monkeypatc
 # ----- the cache key ----------------------------------------------------------------------
 @needs_cc
 def test_key_follows_cpu_target_compiler_version_source_and_flags(cache, source, monkeypatch) -> None:
-    cc = _build.compiler()
+    cc = _build_plan.compiler()
     code = source.read_bytes()
     native = FLAGS + ["-march=native"]
 
     def key(target=("-march=a", "-mavx2"), version="cc 12.2.0", code=code, flags=native) -> str:
-        monkeypatch.setattr(_build, "target_options", lambda cc, flags: target)
-        return _build.plan("tiny", code, flags, cache, cc, version).key
+        monkeypatch.setattr(_build_plan, "target_options", lambda cc, flags: target)
+        return _build_plan.plan("tiny", code, flags, cache, cc, version).key
 
     base = key()
     assert key() == base
@@ -149,9 +152,9 @@ def test_key_follows_cpu_target_compiler_version_source_and_flags(cache, source,
 
 @needs_cc
 def test_another_cpu_builds_its_own_file(cache, source, monkeypatch) -> None:
-    real = _build.target_options
+    real = _build_plan.target_options
     assert load(source).lc_answer() == 42
-    monkeypatch.setattr(_build, "target_options", lambda cc, flags: (*real(cc, flags), "-mfeature-of-another-cpu"))
+    monkeypatch.setattr(_build_plan, "target_options", lambda cc, flags: (*real(cc, flags), "-mfeature-of-another-cpu"))
     assert load(source).lc_answer() == 42
     assert len(list(cache.glob("tiny-*.so"))) == 2
 
@@ -159,9 +162,9 @@ def test_another_cpu_builds_its_own_file(cache, source, monkeypatch) -> None:
 @needs_cc
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 feature names")
 def test_native_target_names_the_cpu_features() -> None:
-    cc = _build.compiler()
-    native = _build.target_options(cc, FLAGS + ["-march=native"])
-    baseline = _build.target_options(cc, FLAGS + ["-march=x86-64"])
+    cc = _build_plan.compiler()
+    native = _build_plan.target_options(cc, FLAGS + ["-march=native"])
+    baseline = _build_plan.target_options(cc, FLAGS + ["-march=x86-64"])
     assert native and baseline and native != baseline
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and " avx512f" in cpuinfo.read_text():
@@ -178,8 +181,9 @@ def test_target_is_read_from_gcc_and_clang_dry_runs() -> None:
     )
     # Lines that are not the compiler proper's (configure options, the driver's echo) are ignored.
     noise = "Configured with: ../configure -mfoo\nCOLLECT_GCC_OPTIONS='-march=native' '-o' '/dev/null'"
-    assert _build._parse_target(noise + "\n" + gcc) == ("-march=cooperlake", "-mavx512f", "--param", "l1-cache-size=48")
-    assert _build._parse_target(clang) == (
+    gcc_target = ("-march=cooperlake", "-mavx512f", "--param", "l1-cache-size=48")
+    assert _build_plan._parse_target(noise + "\n" + gcc) == gcc_target
+    assert _build_plan._parse_target(clang) == (
         "-triple",
         "x86_64-pc-linux-gnu",
         "-target-cpu",
@@ -192,8 +196,8 @@ def test_target_is_read_from_gcc_and_clang_dry_runs() -> None:
 @needs_cc
 def test_native_build_needs_a_readable_target(cache, source, monkeypatch) -> None:
     # A compiler whose dry run names no target would key every CPU alike: no native build then.
-    monkeypatch.setattr(_build, "target_options", lambda cc, flags: ())
-    with pytest.raises(_build.BuildError, match="cannot tell"):
+    monkeypatch.setattr(_build_plan, "target_options", lambda cc, flags: ())
+    with pytest.raises(_build_plan.BuildError, match="cannot tell"):
         planned(source)
     assert load(source).lc_answer() == 42
     assert "-march=native" not in json.loads(next(cache.glob("tiny-*.json")).read_text())["command"]
@@ -265,10 +269,10 @@ def test_library_writable_or_owned_by_others_is_not_loaded(cache, source, monkey
         build.library.chmod(0o777)
         assert "writable by group or others" in _build.problem(build)
     else:
-        monkeypatch.setattr(_build.os, "getuid", lambda: build.library.stat().st_uid + 1)
+        monkeypatch.setattr(_build_plan.os, "getuid", lambda: build.library.stat().st_uid + 1)
         assert "not to this user" in _build.problem(build)
         monkeypatch.undo()
-        monkeypatch.setenv(_build.CACHE_ENV, str(cache))
+        monkeypatch.setenv(_build_plan.CACHE_ENV, str(cache))
         if os.getuid() != 0:
             pytest.skip("changing a file's owner needs root")
         os.chown(build.library, 65534, 65534)
@@ -289,14 +293,14 @@ def shared_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(tempfile, "tempdir", str(path))
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    monkeypatch.setenv(_build.CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setenv(_build_plan.CACHE_ENV, str(blocker / "cache"))
     monkeypatch.delenv("CC", raising=False)
     return path
 
 
 @posix_only
 def test_unusable_cache_dir_falls_back_to_a_private_one(shared_tmp) -> None:
-    private = _build.cache_dir()
+    private = _build_plan.cache_dir()
     assert private == shared_tmp / f"lightning_compress-{os.getuid()}"
     st = private.lstat()
     assert st.st_mode & 0o777 == 0o700 and st.st_uid == os.getuid()
@@ -307,8 +311,8 @@ def test_group_writable_cache_dir_is_not_used(tmp_path, shared_tmp, monkeypatch)
     group_writable = tmp_path / "team-cache"
     group_writable.mkdir()
     group_writable.chmod(0o775)
-    monkeypatch.setenv(_build.CACHE_ENV, str(group_writable))
-    assert _build.cache_dir() == shared_tmp / f"lightning_compress-{os.getuid()}"
+    monkeypatch.setenv(_build_plan.CACHE_ENV, str(group_writable))
+    assert _build_plan.cache_dir() == shared_tmp / f"lightning_compress-{os.getuid()}"
 
 
 @needs_cc
@@ -318,7 +322,7 @@ def test_fallback_dir_set_up_by_someone_else_is_refused(shared_tmp, source, tmp_
     uid = os.getuid()
     if how == "foreign-owner" and uid != 0:
         uid += 1  # this user then plays the other user, who created the directory first
-        monkeypatch.setattr(_build.os, "getuid", lambda: uid)
+        monkeypatch.setattr(_build_plan.os, "getuid", lambda: uid)
     private = shared_tmp / f"lightning_compress-{uid}"
     if how == "symlink":
         target = tmp_path / "elsewhere"
@@ -334,9 +338,9 @@ def test_fallback_dir_set_up_by_someone_else_is_refused(shared_tmp, source, tmp_
     marker = tmp_path / "planted-ran"
     if REAL_CC and how != "symlink":
         plant(private / "tiny-0.so", marker, tmp_path)
-    with pytest.raises(_build.BuildError, match="no usable cache directory"):
-        _build.cache_dir()
-    with pytest.raises(_build.BuildError, match="no usable cache directory"):
+    with pytest.raises(_build_plan.BuildError, match="no usable cache directory"):
+        _build_plan.cache_dir()
+    with pytest.raises(_build_plan.BuildError, match="no usable cache directory"):
         load(source)
     assert not marker.exists()
 
@@ -388,7 +392,7 @@ def test_waiting_for_a_hung_build_gives_up_with_the_lock_named(cache, source, mo
     cache.mkdir(mode=0o700)
     with open(cache / "build.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another open file: conflicts even within this process
-        with pytest.raises(_build.BuildError, match="build.lock"):
+        with pytest.raises(_build_plan.BuildError, match="build.lock"):
             load(source)
 
 
@@ -469,7 +473,7 @@ def run_cpu(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(CPU_CODE)],
         check=False,
-        env={**base, _build.CACHE_ENV: str(tmp_path / "cache"), **env},
+        env={**base, _build_plan.CACHE_ENV: str(tmp_path / "cache"), **env},
         capture_output=True,
         text=True,
         timeout=180,

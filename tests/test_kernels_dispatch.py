@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import lightning_compress_kernels.cpu as cpu
+import lightning_compress_kernels.cpu_multi as cpu_multi
 from lightning_compress_kernels import _dispatch, finite, qsgd, sign, topk, velocity
 from lightning_compress_kernels._dispatch import ENV_VAR, Choice, choose, implementation, path_for, unavailable
 
@@ -173,7 +174,8 @@ def test_implementation_is_the_module_of_the_chosen_path(setting, library, trito
     library(True)
     setting("cpu")
     assert implementation(x) is cpu
-    assert implementation(x, triton="triton_topk", cpu=False) is None
+    assert implementation(x, cpu="cpu_multi") is cpu_multi
+    assert implementation(x, triton="triton_topk", cpu=None) is None
     assert implementation(x, fits=False) is None
     setting("torch")
     assert implementation(x, triton="triton_topk") is None
@@ -222,9 +224,10 @@ def test_every_op_raises_the_reason_of_a_forced_path(setting, library) -> None:
 def test_without_the_library_every_op_runs_its_twin(setting, library, monkeypatch) -> None:
     setting("auto")
     library(False)
-    ops = [n for n, f in vars(cpu).items() if inspect.isfunction(f) and f.__module__ == cpu.__name__]
-    for name in set(ops) - {"available", "build_error"}:
-        monkeypatch.setattr(cpu, name, lambda *a, _name=name, **k: pytest.fail(f"C kernel {_name} ran"))
+    for module in (cpu, cpu_multi):
+        ops = [n for n, f in vars(module).items() if inspect.isfunction(f) and f.__module__ == module.__name__]
+        for name in set(ops) - {"available", "build_error"}:
+            monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"C kernel {_name} ran"))
     for op in _every_op().values():
         op()
     x = torch.randn(64)
