@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import inspect
-import typing
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import struct
 import subprocess
 import sys
 import types
+import typing
 import warnings
 from pathlib import Path
 from typing import get_args
