@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import warnings
@@ -143,6 +144,11 @@ def mean_curve(runs: list[dict], key: str) -> list[float]:
     return [statistics.fmean(r[key][e] for r in runs) for e in range(len(runs[0][key]))]
 
 
+def _training_command() -> str:
+    """This run's arguments, without ``--from-json`` (the command that trains), shell-quoted."""
+    return " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--from-json")
+
+
 def report(runs: list[dict], args) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -153,12 +159,12 @@ def report(runs: list[dict], args) -> str:
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} (torch {torch.__version__}); "
         "2 gloo ranks, 1 thread each.",
-        f"Command: `python benchmarks/convergence.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `python benchmarks/convergence.py {_training_command()}`".rstrip(),
         "",
         f"Digits, each rank a fixed half of the training set, batch 32 per rank, {args.epochs} epochs; mean over "
         f"seeds {', '.join(map(str, args.seeds))} (min-max in brackets). The optimizer's momentum goes where "
-        "`momentum=auto` puts it: into the exchange with the Nesterov look-ahead for SGD, left in the optimizer "
-        "for AdamW unless the config says `momentum=lookahead`. *Gap* is the largest shortfall of the mean "
+        "`momentum=auto` puts it: into the exchange with the look-ahead, for SGD with momentum and for AdamW "
+        "(`lightning_compress/momentum.py`). *Gap* is the largest shortfall of the mean "
         "against dense at any epoch from 5 on (goal: at most 1 point on digits' MLP, 2 on the CNN).",
     ]
     for task in args.tasks:
