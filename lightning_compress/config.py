@@ -294,8 +294,6 @@ def build_config(
     if compression is None:
         base: dict[str, Any] = {}
     elif isinstance(compression, CompressionConfig):
-        if not any(v is not None for v in options.values()):
-            return compression
         base = compression.to_dict()
     elif isinstance(compression, str):
         base = CompressionConfig.from_string(compression).to_dict()
