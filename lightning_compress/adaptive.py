@@ -69,6 +69,11 @@ class AdaptiveRun:
                 "GraVAC picks one compression factor for the flat exchange and keeps its own error feedback; it does "
                 "not run with `hierarchical=True`. Use `hierarchical=False` with GraVAC, or a fixed compressor."
             )
+        if cfg.density_warmup_steps:
+            raise ValueError(
+                "GraVAC chooses the compression factor from the first step; it does not run with a density warm-up "
+                f"(`density_warmup_steps={cfg.density_warmup_steps}`). Set `density_warmup_steps=0` with GraVAC."
+            )
         if cfg.compressor not in ADAPTIVE_COMPRESSORS:
             raise ValueError(
                 f"GraVAC adapts the compression factor of {ADAPTIVE_COMPRESSORS}; the compressor is {cfg.compressor!r}"

@@ -19,6 +19,11 @@ MOMENTUM_MODES = ("auto", "lookahead", "heavy_ball", "optimizer")
 TWO_PASS_FROM = 4  # ranks from which transport='auto' sends non-summable payloads in two compressed passes
 
 
+#: The compressors whose ``density`` the density warm-up changes.
+DENSITY_COMPRESSORS = ("topk", "dgc", "randk")
+_WARMUP_DENSITY = 0.25  # where DGC's warm-up starts (75% sparsity), falling 4x per stage
+
+
 def _choices(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}")
@@ -38,6 +43,10 @@ class CompressionConfig:
             ``ef`` and ``doublesqueeze`` compress both passes (the second with a server error per
             shard: DoubleSqueeze's algorithm); other feedback sends the shard sums in fp32.
         warmup_steps: optimizer steps exchanged densely before compression starts (>= 0).
+        density_warmup_steps: DGC's warm-up (Lin et al., ICLR 2018, "warm-up training"): for this
+            many steps after ``warmup_steps``, ``topk``/``dgc``/``randk`` keep more than ``density``:
+            25% at first, 4x fewer at each of equal stages, until ``density`` (see
+            :meth:`density_at`). 0 (default): ``density`` from the first compressed step.
         min_numel: tensors with fewer elements, and all 1-D tensors, are exchanged densely.
         block_size: elements per scale of ``sign``/``qsgd``/``terngrad``; larger compresses more.
         seed: base seed of every random choice (rand-k indices, stochastic rounding).
@@ -78,6 +87,7 @@ class CompressionConfig:
     feedback: str = "ef"
     transport: str = "auto"
     warmup_steps: int = 0
+    density_warmup_steps: int = 0
     min_numel: int = 1024
     block_size: int = 1024
     seed: int = 0
@@ -107,6 +117,14 @@ class CompressionConfig:
         _choices("bits", self.bits, SUPPORTED_BITS)
         if self.warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0; got {self.warmup_steps!r}")
+        if self.density_warmup_steps < 0:
+            raise ValueError(f"`density_warmup_steps` must be >= 0; got {self.density_warmup_steps!r}")
+        if self.density_warmup_steps and self.compressor not in DENSITY_COMPRESSORS:
+            raise ValueError(
+                f"`density_warmup_steps={self.density_warmup_steps}` warms up the density of {DENSITY_COMPRESSORS}; "
+                f"`compressor={self.compressor!r}` has none. Use `warmup_steps` for dense steps first, or set "
+                "`density_warmup_steps=0`."
+            )
         if self.min_numel < 0:
             raise ValueError(f"`min_numel` must be >= 0; got {self.min_numel!r}")
         if self.block_size < 1:
@@ -233,6 +251,27 @@ class CompressionConfig:
             return "two_pass"
         return "allgather"
 
+    def density_at(self, step: int) -> float:
+        """The density ``topk``/``dgc``/``randk`` keep at ``step`` (0-based, dense warm-up steps included).
+
+        During the ``density_warmup_steps`` steps after ``warmup_steps`` it starts at 25% and falls
+        4x per stage, in ``ceil(log4(0.25 / density))`` stages of equal length, never below
+        ``density``; before and after, ``density``. Every rank computes the same value from the
+        step, so a resumed run continues the schedule where it stopped.
+
+        Example::
+
+            >>> cfg = CompressionConfig(compressor="topk", density=0.01, density_warmup_steps=69)
+            >>> [cfg.density_at(s) for s in (0, 22, 23, 46, 68, 69)]
+            [0.25, 0.25, 0.0625, 0.015625, 0.015625, 0.01]
+        """
+        into = step - self.warmup_steps
+        if not 0 <= into < self.density_warmup_steps or self.density >= _WARMUP_DENSITY:
+            return self.density
+        stages = max(1, math.ceil(math.log(_WARMUP_DENSITY / self.density, 4) - 1e-9))
+        stage = into * stages // self.density_warmup_steps
+        return max(self.density, _WARMUP_DENSITY * 0.25**stage)
+
     def make_compressor(self) -> Compressor:
         """A compressor instance with this config's settings."""
         extra = {"rank": self.powersgd_rank} if self.compressor == "powersgd" else {}
@@ -315,6 +354,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "feedback": (str,),
     "transport": (str,),
     "warmup_steps": (int,),
+    "density_warmup_steps": (int,),
     "min_numel": (int,),
     "block_size": (int,),
     "seed": (int,),

@@ -74,6 +74,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         feedback: FeedbackName = "ef",
         transport: TransportName = "auto",
         warmup_steps: int = 0,
+        density_warmup_steps: int = 0,
         min_numel: int = 1024,
         block_size: int = 1024,
         seed: int = 0,

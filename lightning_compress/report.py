@@ -179,6 +179,8 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
     extra = [f"min_numel={config.min_numel}", f"momentum={config.momentum}"]
     if config.warmup_steps:
         extra.append(f"warmup_steps={config.warmup_steps}")
+    if config.density_warmup_steps:
+        extra.append(f"density_warmup_steps={config.density_warmup_steps}")
     return f"{comp}/{config.feedback} via {transport or config.transport_resolved} ({', '.join(extra)})"
 
 
@@ -220,6 +222,9 @@ def start_line(
         line += f"; about {format_bytes(across)} of it across nodes ({layout.nodes} nodes of {layout.ranks_per_node} ranks)"
     if config.warmup_steps:
         line += f"; the first {config.warmup_steps} steps are dense"
+    if config.density_warmup_steps and config.density_at(config.warmup_steps) != config.density:
+        line += (f"; the next {config.density_warmup_steps} keep from {config.density_at(config.warmup_steps):g} "
+                 f"down to {config.density:g} (density warm-up, more bytes than estimated here)")  # fmt: skip
     if gravac_theta_min is not None:
         line += f"; GraVAC picks the compression factor, starting at CF {gravac_theta_min:g}"
     return line

@@ -180,12 +180,24 @@ class CompressionState(StateCheckpointing):
 
     def _set_config(self, config: CompressionConfig) -> None:
         self.config = config
-        self.compressor = config.make_compressor()
-        self.feedback = make_feedback(config.feedback, self.compressor, diana_alpha=config.diana_alpha)
+        self._make_compressor()
         if getattr(self, "hierarchy", None) is not None:
             self.transport = "hierarchical"  # lightning_compress.hierarchy; across nodes config.transport_for(nodes)
         else:
             self.transport = config.transport_for(self.world_size, adaptive=self.adaptive is not None)
+
+    def _make_compressor(self) -> None:
+        """The compressor (and the feedback around it) for this step: the config's, at the density
+        :meth:`~lightning_compress.CompressionConfig.density_at` gives for ``step``."""
+        config = self.config
+        density = config.density_at(self.step)
+        self.compressor = (config if density == config.density else config.replace(density=density)).make_compressor()
+        self.feedback = make_feedback(config.feedback, self.compressor, diana_alpha=config.diana_alpha)
+
+    def _follow_density_schedule(self) -> None:
+        """Rebuild the compressor where the density warm-up changes the density at this step."""
+        if self.config.density_warmup_steps and self.compressor.density != self.config.density_at(self.step):
+            self._make_compressor()
 
     def request_update(self, **changes: Any) -> None:
         """Change ``density`` and/or ``bits`` from the next step on (validated now)."""
@@ -284,6 +296,7 @@ class CompressionState(StateCheckpointing):
         if self._pending:
             self._set_config(self.config.replace(**self._pending))
             self._pending = {}
+        self._follow_density_schedule()
 
     def seed(self, name: str, *extra: int) -> int:
         """Seed shared by all ranks for tensor ``name`` at this step."""

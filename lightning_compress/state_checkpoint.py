@@ -110,6 +110,7 @@ class StateCheckpointing:
         self.stats = CompressionStats(**{**stats, "world_size": self.world_size})
         if config != self.config:
             self._set_config(config)
+        self._follow_density_schedule()  # the density warm-up's density at the loaded step
         self._pending, self._adjusted = pending, adjusted
         self.memory, self.server_memory, self.velocity, self.factors = memory, server_memory, velocity, factors
         saved_momentum = state.get("momentum")

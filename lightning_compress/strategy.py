@@ -56,6 +56,7 @@ class _CompressedDDPMixin(_CompressionCore):
         feedback: FeedbackName = "ef",
         transport: TransportName = "auto",
         warmup_steps: int = 0,
+        density_warmup_steps: int = 0,
         min_numel: int = 1024,
         block_size: int = 1024,
         seed: int = 0,
@@ -195,8 +196,8 @@ class CompressedDDPStrategy(_CompressedDDPMixin, DDPStrategy):
             settings and stats are kept and resumed runs start with fresh memory.
         log_compression_stats: add a :class:`~lightning_compress.CompressionMonitor`
             (ratio, bytes sent, gain per step) unless one is already among the callbacks.
-        compressor, density, bits, feedback, transport, warmup_steps, min_numel, block_size, seed, diana_alpha,
-            dgc_sample_fraction, momentum, powersgd_rank, hierarchical, ranks_per_node: the
+        compressor, density, bits, feedback, transport, warmup_steps, density_warmup_steps, min_numel, block_size,
+            seed, diana_alpha, dgc_sample_fraction, momentum, powersgd_rank, hierarchical, ranks_per_node: the
             :class:`~lightning_compress.CompressionConfig` fields.
 
     Raises:

@@ -199,3 +199,30 @@ def test_make_compressor_carries_settings() -> None:
     config = CompressionConfig(compressor="qsgd", bits=4, block_size=128, feedback="diana")
     comp = config.make_compressor()
     assert comp.name == "qsgd" and comp.bits == 4 and comp.block_size == 128
+
+
+def test_density_warmup_schedule_and_its_rules() -> None:
+    # DGC's schedule (Lin et al. 2018): 75%, 93.75%, 98.4375%, 99.6% sparsity, then the target of 99.9%.
+    cfg = CompressionConfig(compressor="topk", density=0.001, density_warmup_steps=40, warmup_steps=5)
+    assert [cfg.density_at(s) for s in (0, 4, 5, 14, 15, 25, 35, 44, 45, 1000)] == [
+        0.001, 0.001, 0.25, 0.25, 0.0625, 0.015625, 0.00390625, 0.00390625, 0.001, 0.001,
+    ]  # fmt: skip (the dense steps before it keep `density`: their compressor is not used)
+    assert CompressionConfig(compressor="dgc", density=0.5, density_warmup_steps=9).density_at(0) == 0.5
+    assert CompressionConfig(compressor="randk", density=0.1, feedback="diana", density_warmup_steps=2).density_at(1) == 0.25
+    assert CompressionConfig(compressor="topk", density=0.01).density_at(0) == 0.01  # off by default
+    assert CompressionConfig.from_string("compressor=topk,density_warmup_steps=69").density_warmup_steps == 69
+    with pytest.raises(ValueError, match="`density_warmup_steps` must be >= 0"):
+        CompressionConfig(compressor="topk", density_warmup_steps=-1)
+    for compressor in ("sign", "qsgd", "powersgd", "fp16"):
+        with pytest.raises(ValueError, match="warms up the density of"):
+            CompressionConfig(compressor=compressor, density_warmup_steps=10)
+
+
+def test_gravac_refuses_a_density_warmup() -> None:
+    from lightning_compress import CompressionState
+    from lightning_compress.adaptive import attach_gravac
+
+    state = CompressionState(CompressionConfig(compressor="topk", density_warmup_steps=10), {})
+    with pytest.raises(ValueError, match="density warm-up"):
+        attach_gravac(state)
+    assert state.adaptive is None

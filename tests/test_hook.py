@@ -223,9 +223,9 @@ def test_request_update_applies_at_the_next_step_on_every_rank():
 
 
 # ---------------------------------------------------------------------------------------------
-def _resume_worker(rank, world, compressor, feedback):
+def _resume_worker(rank, world, compressor, feedback, extra=None):
     x, y = make_data(rank)
-    cfg = CompressionConfig(compressor=compressor, feedback=feedback, **BASE)
+    cfg = CompressionConfig(compressor=compressor, feedback=feedback, **{**BASE, **(extra or {})})
 
     # uninterrupted: 6 steps
     ddp = wrap(make_model())
@@ -268,10 +268,47 @@ def _resume_worker(rank, world, compressor, feedback):
 
 
 @pytest.mark.parametrize(
-    "compressor,feedback", [("sign", "doublesqueeze"), ("topk", "ef21"), ("randk", "diana"), ("qsgd", "ef")]
+    "compressor,feedback,extra",
+    [
+        ("sign", "doublesqueeze", None),
+        ("topk", "ef21", None),
+        ("randk", "diana", None),
+        ("qsgd", "ef", None),
+        # saved at step 3, inside the density warm-up (0.25 at steps 1-2, 0.0625 at 3-4, then 0.02)
+        ("topk", "ef", dict(density=0.02, warmup_steps=1, density_warmup_steps=4)),
+    ],
+    ids=["sign-doublesqueeze", "topk-ef21", "randk-diana", "qsgd-ef", "topk-ef-density-warmup"],
 )
-def test_state_dict_resume_is_bitwise_exact(compressor, feedback):
-    run_distributed(_resume_worker, compressor, feedback)
+def test_state_dict_resume_is_bitwise_exact(compressor, feedback, extra):
+    run_distributed(_resume_worker, compressor, feedback, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+def _density_warmup_worker(rank, world):
+    """DGC's density warm-up: each step's top-k keeps what CompressionConfig.density_at says, bytes fall stage
+    by stage, and the ranks stay bitwise identical."""
+    x, y = make_data(rank)
+    ddp = wrap(make_model())
+    cfg = CompressionConfig(compressor="topk", feedback="ef", **{**BASE, "density": 0.02},
+                            warmup_steps=1, density_warmup_steps=4)  # fmt: skip
+    state = register_compression(ddp, cfg)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    densities, sent = [], []
+    for _ in range(7):
+        densities.append(state.compressor.density)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        sent.append(state.stats.sent_bytes_last_step)
+    assert densities == [0.02, 0.25, 0.25, 0.0625, 0.0625, 0.02, 0.02], densities  # step 0 is dense
+    assert state.config.density == 0.02  # the config (saved, checked across ranks) keeps the user's value
+    assert sent[0] > sent[1] == sent[2] > sent[3] == sent[4] > sent[5] == sent[6], sent
+    gathered = gather_flat(ddp.parameters())
+    assert all(torch.equal(gathered[0], g) for g in gathered)
+
+
+def test_density_warmup_follows_the_schedule_on_every_rank():
+    run_distributed(_density_warmup_worker)
 
 
 # ---------------------------------------------------------------------------------------------
