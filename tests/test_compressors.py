@@ -282,6 +282,30 @@ def test_randk_same_seed_same_indices_on_every_rank() -> None:
     assert set(torch.nonzero(roundtrip(make("randk"), x0, seed=7)).reshape(-1).tolist()) == support0
 
 
+@pytest.mark.parametrize("n,k", [(1000, 20), (4097, 41), (100, 30), (50, 50), (1 << 16, 655)])
+def test_randk_indices_are_a_uniform_distinct_sorted_subset(n: int, k: int) -> None:
+    """Both ways of drawing (with replacement until distinct for k << n, a permutation otherwise)."""
+    from lightning_compress.compressors.sparse import sample_indices
+
+    def draw(seed: int) -> torch.Tensor:
+        return sample_indices(n, k, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+    idx = draw(3)
+    assert idx.numel() == k and torch.unique(idx).numel() == k and 0 <= int(idx.min()) and int(idx.max()) < n
+    assert torch.equal(idx, idx.sort().values) and torch.equal(idx, draw(3))
+    if k < n:
+        assert not torch.equal(idx, draw(4))
+    # Every index is drawn with probability k / n: over many draws, the counts of 25 equal ranges of indices
+    # stay within 5 sigmas of k / n of the draws (sigma of independent draws; within one draw they anticorrelate).
+    draws = 2000 if n <= 4097 else 200
+    counts = torch.zeros(n)
+    for seed in range(draws):
+        counts[draw(seed)] += 1
+    for part in counts.chunk(25):
+        expected = draws * k * part.numel() / n
+        assert abs(float(part.sum()) - expected) <= 5 * math.sqrt(expected) + 1e-9, (float(part.sum()), expected)
+
+
 # ----- scaled sign -----------------------------------------------------------------------------
 
 

@@ -121,6 +121,33 @@ class DGCCompressor(_IndexedSparse):
         return 1.0 / numel if numel else 1.0
 
 
+_RANDK_CACHED = 256  # index sets kept: a step's tensors, encoded then decoded
+
+
+def sample_indices(numel: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``k`` distinct indices of ``range(numel)``, a uniformly random subset drawn from ``gen``, ascending.
+
+    For ``k`` well below ``numel``: draws with replacement and keeps each index's first draw
+    until ``k`` are distinct (the set is uniform, as when drawing without replacement), in
+    O(k log k) instead of a permutation of the whole tensor; otherwise the first ``k`` of a
+    random permutation.
+    """
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if k * 8 > numel:
+        return torch.randperm(numel, generator=gen, device=device)[:k].sort().values
+    samples = torch.randint(numel, (k + k // 8 + 16,), generator=gen, device=device)
+    while True:
+        distinct, inverse = torch.unique(samples, return_inverse=True)
+        if distinct.numel() >= k:
+            break
+        more = torch.randint(numel, (k - distinct.numel() + k // 8 + 16,), generator=gen, device=device)
+        samples = torch.cat([samples, more])
+    first = torch.full((distinct.numel(),), samples.numel(), dtype=torch.long, device=device)
+    first.scatter_reduce_(0, inverse, torch.arange(samples.numel(), device=device), "amin")
+    return distinct[first.argsort()[:k]].sort().values
+
+
 class RandKCompressor(Compressor):
     """Keep ``k`` uniformly random entries scaled by ``n / k``. Unbiased, omega = n/k - 1.
 
@@ -136,7 +163,8 @@ class RandKCompressor(Compressor):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._cached: tuple[tuple, torch.Tensor] | None = None
+        # (numel, k, seed, device) -> indices: a step's encode and decode of each tensor draw once
+        self._cached: dict[tuple, torch.Tensor] = {}
 
     def k(self, numel: int) -> int:
         return self._count(numel, self.density)
@@ -153,10 +181,11 @@ class RandKCompressor(Compressor):
     def indices(self, numel: int, seed: int, device: torch.device) -> torch.Tensor:
         """The ``k`` indices drawn for ``seed`` (the same on every rank)."""
         key = (numel, self.k(numel), seed, str(device))
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
-        idx = torch.randperm(numel, generator=self._generator(seed, device), device=device)[: key[1]]
-        self._cached = (key, idx)
+        idx = self._cached.get(key)
+        if idx is None:
+            if len(self._cached) >= _RANDK_CACHED:
+                self._cached.clear()  # seeds change every step: older entries are not asked for again
+            idx = self._cached[key] = sample_indices(numel, key[1], self._generator(seed, device), device)
         return idx
 
     def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
