@@ -251,13 +251,11 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
     config = resolve(*layers) if wanted else None
     adaptive = adaptive_options(*layers) if wanted else None
     if adaptive is not None:
-        from lightning_compress.adaptive import ADAPTIVE_COMPRESSORS
+        from lightning_compress.adaptive import gravac_config_problem
 
-        if config.compressor not in ADAPTIVE_COMPRESSORS or config.feedback != "ef":
-            raise LaunchError(
-                f"adaptive=gravac needs compressor in {ADAPTIVE_COMPRESSORS} with feedback=ef; "
-                f"got compressor={config.compressor}, feedback={config.feedback}"
-            )
+        problem = gravac_config_problem(config)
+        if problem is not None:
+            raise LaunchError(f"adaptive=gravac: {problem}")
 
     head = _strip_own_options(head)
     warnings_out: list[str] = []

@@ -59,34 +59,41 @@ def qsgd_ladder() -> list[float]:
     return [32.0 / (b + 1) for b in _QSGD_BITS]
 
 
+def gravac_config_problem(cfg: CompressionConfig) -> str | None:
+    """Why GraVAC cannot run with ``cfg``, or ``None``: the one rule the state, the Lightning callback and
+    Accelerate's launcher check."""
+    if cfg.hierarchical:
+        return (
+            "GraVAC picks one compression factor for the flat exchange and keeps its own error feedback; it does "
+            "not run with `hierarchical=True`. Use `hierarchical=False` with GraVAC, or a fixed compressor."
+        )
+    if cfg.density_warmup_steps:
+        return (
+            "GraVAC chooses the compression factor from the first step; it does not run with a density warm-up "
+            f"(`density_warmup_steps={cfg.density_warmup_steps}`). Set `density_warmup_steps=0` with GraVAC."
+        )
+    if cfg.compressor not in ADAPTIVE_COMPRESSORS:
+        return f"GraVAC adapts the compression factor of {ADAPTIVE_COMPRESSORS}; the compressor is {cfg.compressor!r}"
+    if cfg.feedback != "ef":
+        return (
+            "GraVAC keeps its own error feedback (residual = g - sent, cleared after a dense step); "
+            f"use feedback='ef', not {cfg.feedback!r}"
+        )
+    if cfg.transport == "two_pass":
+        return "GraVAC sends through allgather or allreduce, not transport='two_pass'"
+    return None
+
+
 class AdaptiveRun:
     """A controller attached to one :class:`~lightning_compress.state.CompressionState`."""
 
     def __init__(self, controller: GraVACController, state):
         cfg = state.config
-        if getattr(cfg, "hierarchical", False):
-            raise ValueError(
-                "GraVAC picks one compression factor for the flat exchange and keeps its own error feedback; it does "
-                "not run with `hierarchical=True`. Use `hierarchical=False` with GraVAC, or a fixed compressor."
-            )
-        if cfg.density_warmup_steps:
-            raise ValueError(
-                "GraVAC chooses the compression factor from the first step; it does not run with a density warm-up "
-                f"(`density_warmup_steps={cfg.density_warmup_steps}`). Set `density_warmup_steps=0` with GraVAC."
-            )
-        if cfg.compressor not in ADAPTIVE_COMPRESSORS:
-            raise ValueError(
-                f"GraVAC adapts the compression factor of {ADAPTIVE_COMPRESSORS}; the compressor is {cfg.compressor!r}"
-            )
-        if cfg.feedback != "ef":
-            raise ValueError(
-                f"GraVAC keeps its own error feedback (residual = g - sent, cleared after a dense step); "
-                f"use feedback='ef', not {cfg.feedback!r}"
-            )
-        if state.transport == "two_pass":
-            if cfg.transport != "auto":
-                raise ValueError("GraVAC sends through allgather or allreduce, not two_pass")
-            state.transport = cfg.transport_for(state.world_size, adaptive=True)  # auto: two_pass was its own choice
+        problem = gravac_config_problem(cfg)
+        if problem is not None:
+            raise ValueError(problem)
+        if state.transport == "two_pass":  # transport='auto' chose it (an explicit two_pass is refused above)
+            state.transport = cfg.transport_for(state.world_size, adaptive=True)
         self.controller = controller
         self.samples_per_step = float(state.world_size)  # world x batch; integrations set the batch
         self._base = cfg

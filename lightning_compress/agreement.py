@@ -68,6 +68,7 @@ FIELDS = (*CONFIG_FIELDS, "pending", "step", "world_size", "parameters", "memory
 #: ``LIGHTNING_COMPRESS_CHECK_TIMEOUT`` overrides it. Never longer than the process group's timeout.
 AFTER_START_TIMEOUT_S = 120.0
 _TIMEOUT_ENV = "LIGHTNING_COMPRESS_CHECK_TIMEOUT"
+_MIN_TIMEOUT_S = 0.001  # below a millisecond, timedelta rounds to 0, which would mean no bound
 
 # id(exchange group) -> weak references to (that group, its gloo check group). Weak: torch's registry owns
 # both, and destroy_process_group ends them; a reference here must not keep them alive past that.
@@ -130,22 +131,29 @@ def check_agreement(state: CompressionState, when: str, *, started: bool = False
     if state.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return
     group, timeout = _check_group(state)
-    if started:
-        timeout = min(timeout, timedelta(seconds=after_start_timeout()))
+    bounded = started and after_start_timeout() < timeout.total_seconds()
+    if bounded:
+        timeout = timedelta(seconds=after_start_timeout())
     values = describe(state)
     mine = digest(values)
     gathered = torch.empty(state.world_size, mine.numel(), dtype=torch.int64)
     try:
         _all_gather_single(gathered.view(-1), mine, group=group, async_op=True).wait(timeout=timeout)
     except RuntimeError as err:
-        bound = f" (raise it with {_TIMEOUT_ENV}=<seconds>)" if started else ""
+        skew = (
+            f" Or the ranks reached this step more than {timeout} apart (a slow checkpoint read on some ranks): "
+            f"raise the bound with {_TIMEOUT_ENV}=<seconds>."
+            if bounded
+            else ""
+        )
         raise RuntimeError(
             f"lightning_compress: rank {state.rank}'s settings check {when} failed: the other ranks did not join it "
-            f"within {timeout}{bound} ({err}). The usual cause is compression state loaded on some ranks only after "
-            "training started: the others, knowing of no load, wait for this rank in the step's gradient exchange "
-            "instead. Call CompressionState.load_state_dict on every rank, each with its own state, at the same "
-            f"point of the loop. This rank holds step={state.step}. The process group cannot be used after this "
-            "error: end the process."
+            f"within {timeout} ({err}). Either a peer stopped (see its log), or the others never reach this check: "
+            "compression state loaded, or an optimizer or controller attached, on some ranks only after training "
+            "started; the others, knowing of nothing, wait for this rank in the step's gradient exchange instead. "
+            "Call CompressionState.load_state_dict (attach_optimizer, attach_gravac) on every rank, each with its "
+            f"own state, at the same point of the loop.{skew} This rank holds step={state.step}. The process group "
+            "cannot be used after this error: end the process."
         ) from err
     differing = [name for i, name in enumerate(FIELDS) if bool((gathered[:, i] != gathered[0, i]).any())]
     if not differing:
@@ -165,8 +173,8 @@ def after_start_timeout() -> float:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"{_TIMEOUT_ENV} must be a number of seconds above 0; got {raw!r}")
+    if not _MIN_TIMEOUT_S <= seconds < float("inf"):
+        raise ValueError(f"{_TIMEOUT_ENV} must be a number of seconds of at least {_MIN_TIMEOUT_S}; got {raw!r}")
     return seconds
 
 

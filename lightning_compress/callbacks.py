@@ -232,7 +232,7 @@ class _GraVACMixin:
         self._loaded: dict[str, Any] | None = None
 
     def _strategy_check(self, trainer: Any) -> None:
-        from lightning_compress.adaptive import ADAPTIVE_COMPRESSORS
+        from lightning_compress.adaptive import gravac_config_problem
         from lightning_compress.strategy_base import _CompressionCore
 
         strategy = trainer.strategy
@@ -241,13 +241,9 @@ class _GraVACMixin:
                 f"GraVAC adapts the compression of the `compressed_ddp` strategy; this Trainer uses "
                 f"{type(strategy).__name__}. Use {GRAVAC_STRATEGY_HINT}."
             )
-        cfg = strategy.compression_config
-        if cfg.compressor not in ADAPTIVE_COMPRESSORS or cfg.feedback != "ef" or cfg.transport == "two_pass":
-            raise _misconfiguration(
-                f"GraVAC needs compressor in {ADAPTIVE_COMPRESSORS} with feedback='ef' (and a transport other than "
-                f"two_pass); the strategy has compressor={cfg.compressor!r}, feedback={cfg.feedback!r}, "
-                f"transport={cfg.transport!r}. Use {GRAVAC_STRATEGY_HINT}."
-            )
+        problem = gravac_config_problem(strategy.compression_config)
+        if problem is not None:
+            raise _misconfiguration(f"{problem}. Use {GRAVAC_STRATEGY_HINT}.")
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":

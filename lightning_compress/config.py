@@ -255,8 +255,8 @@ class CompressionConfig:
         """The density ``topk``/``dgc``/``randk`` keep at ``step`` (0-based, dense warm-up steps included).
 
         During the ``density_warmup_steps`` steps after ``warmup_steps`` it starts at 25% and falls
-        4x per stage, in ``ceil(log4(0.25 / density))`` stages of equal length, never below
-        ``density``; before and after, ``density``. Every rank computes the same value from the
+        4x per stage, in ``ceil(log4(0.25 / density))`` stages of equal length (a warm-up shorter
+        than that skips stages), never below ``density``; before and after, ``density``. Every rank computes the same value from the
         step, so a resumed run continues the schedule where it stopped.
 
         Example::

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_compress.agreement import check_agreement
+from lightning_compress.agreement import after_start_timeout, check_agreement
 from lightning_compress.config import CompressionConfig, build_config
 from lightning_compress.exchange import CompressedFlight, DenseFlight, Flight, commit_velocities, dense_inputs
 from lightning_compress.hierarchy import HierarchicalFlight
@@ -244,6 +244,7 @@ def register_compression(
             sparse,
         )
     _build_kernels()
+    after_start_timeout()  # a bad LIGHTNING_COMPRESS_CHECK_TIMEOUT fails here, not in the middle of training
     check_agreement(state, "at registration")
     ddp_model.register_comm_hook(state, compression_hook)
     setattr(ddp_model, _ATTR, state)

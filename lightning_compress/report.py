@@ -222,9 +222,10 @@ def start_line(
         line += f"; about {format_bytes(across)} of it across nodes ({layout.nodes} nodes of {layout.ranks_per_node} ranks)"
     if config.warmup_steps:
         line += f"; the first {config.warmup_steps} steps are dense"
-    if config.density_warmup_steps and config.density_at(config.warmup_steps) != config.density:
-        line += (f"; the next {config.density_warmup_steps} keep from {config.density_at(config.warmup_steps):g} "
-                 f"down to {config.density:g} (density warm-up, more bytes than estimated here)")  # fmt: skip
+    start = config.density_at(config.warmup_steps)
+    if config.density_warmup_steps and start != config.density:
+        line += (f"; density warm-up: {config.compressor} keeps {start:g} at first, down to {config.density:g} after "
+                 f"{config.density_warmup_steps} compressed steps (more bytes then than estimated here)")  # fmt: skip
     if gravac_theta_min is not None:
         line += f"; GraVAC picks the compression factor, starting at CF {gravac_theta_min:g}"
     return line

@@ -200,7 +200,12 @@ class CompressionState(StateCheckpointing):
             self._make_compressor()
 
     def request_update(self, **changes: Any) -> None:
-        """Change ``density`` and/or ``bits`` from the next step on (validated now)."""
+        """Change ``density`` and/or ``bits`` from the next step on (validated now).
+
+        During a density warm-up (``density_warmup_steps``) the new ``density`` becomes the
+        schedule's target: each step keeps what ``config.density_at(step)`` gives for it, which
+        is at least the new value and may be more until the warm-up ends.
+        """
         allowed = {"density", "bits"}
         if not changes or set(changes) - allowed:
             raise ValueError(f"request_update takes {sorted(allowed)}; got {sorted(changes)}")

@@ -288,7 +288,11 @@ def test_bad_flag_stops_launcher_before_any_worker(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "how, match",
     [
-        (["--adaptive", "gravac"], ["adaptive=gravac needs compressor in", "compressor=sign"]),
+        (["--adaptive", "gravac"], ["adaptive=gravac", "GraVAC adapts the compression factor of", "'sign'"]),
+        (
+            ["--adaptive", "gravac", "--compressor", "topk", "--feedback", "ef", "--density_warmup_steps", "5"],
+            ["adaptive=gravac", "density warm-up", "density_warmup_steps=0"],
+        ),
         (["--adaptive", "gravac", "--compressor", "topk", "--feedback", "ef", "--gravac", "epsilon=2"], ["epsilon"]),
         (["--density", "two"], ["--density", "'two'", "a number"]),
         ("yaml", ["`density`", "2.0", "(0, 1]"]),

@@ -189,10 +189,13 @@ def _lone_load_worker(rank, world):
     peer fails to join the check. Once training started the check waits LIGHTNING_COMPRESS_CHECK_TIMEOUT seconds,
     not the process group's timeout (200 s here): rank 0 stops saying why, never issuing a gradient collective its
     peer does not match, and when it exits its peer's pending gradient exchange fails at once."""
-    os.environ["LIGHTNING_COMPRESS_CHECK_TIMEOUT"] = "3"
     cfg = CompressionConfig(compressor="sign", feedback="ef", **BASE)
     x, y = make_data(rank)
     ddp = wrap(make_model())
+    os.environ["LIGHTNING_COMPRESS_CHECK_TIMEOUT"] = "2 minutes"  # read at registration: a typo stops the run there
+    with pytest.raises(ValueError, match="LIGHTNING_COMPRESS_CHECK_TIMEOUT must be a number of seconds"):
+        register_compression(ddp, cfg)
+    os.environ["LIGHTNING_COMPRESS_CHECK_TIMEOUT"] = "3"
     state = register_compression(ddp, cfg)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     train(ddp, opt, x, y, 3)
@@ -203,7 +206,8 @@ def _lone_load_worker(rank, world):
     if rank == 0:
         raises_on_every_rank(
             lambda: train(ddp, opt, x, y, 1), "rank 0's settings check", "did not join it within 0:00:03",
-            "LIGHTNING_COMPRESS_CHECK_TIMEOUT", "loaded on some ranks only", "load_state_dict on every rank", "step=1",
+            "a peer stopped", "on some ranks only after training started", "load_state_dict (attach_optimizer",
+            "on every rank", "LIGHTNING_COMPRESS_CHECK_TIMEOUT=<seconds>", "step=1",
         )
         assert time.monotonic() - start < 30
     else:
@@ -224,10 +228,11 @@ def test_check_timeout_after_start_is_read_from_the_environment(monkeypatch):
     assert after_start_timeout() == AFTER_START_TIMEOUT_S
     monkeypatch.setenv("LIGHTNING_COMPRESS_CHECK_TIMEOUT", "2.5")
     assert after_start_timeout() == 2.5
-    for bad in ("0", "-3", "soon", "nan", "inf"):
+    for bad in ("0", "-3", "soon", "nan", "inf", "1e-9", "120s"):
         monkeypatch.setenv("LIGHTNING_COMPRESS_CHECK_TIMEOUT", bad)
         with pytest.raises(ValueError, match="LIGHTNING_COMPRESS_CHECK_TIMEOUT must be a number of seconds"):
             after_start_timeout()
+
 
 
 # ----- 2. checkpoints that do not fit are refused or start fresh, never half-applied ----------------------

@@ -281,6 +281,15 @@ def test_gravac_error_suggests_a_strategy_that_works():
     assert GRAVAC_STRATEGY_HINT in str(err.value)
     with pytest.raises(MisconfigurationException, match=re.escape(GRAVAC_STRATEGY_HINT)):
         GraVAC()._strategy_check(types.SimpleNamespace(strategy=pl.strategies.DDPStrategy()))
+    # The settings GraVAC cannot run with fail here, before training, with the same text the state would raise.
+    for settings, needle in (
+        (dict(compressor="topk", density_warmup_steps=5), "density warm-up"),
+        (dict(compressor="topk", hierarchical=True), "hierarchical=True"),
+        (dict(compressor="topk", transport="two_pass"), "two_pass"),
+        (dict(compressor="topk", feedback="ef21"), "feedback='ef'"),
+    ):
+        with pytest.raises(MisconfigurationException, match=re.escape(needle)):
+            GraVAC()._strategy_check(types.SimpleNamespace(strategy=CompressedDDPStrategy(**settings)))
     # What the message suggests passes the same check.
     suggested = re.search(r"strategy=(CompressedDDPStrategy\(.*?\))", GRAVAC_STRATEGY_HINT).group(1)
     GraVAC()._strategy_check(types.SimpleNamespace(strategy=eval(suggested)))
