@@ -163,6 +163,13 @@ def _transport(config: CompressionConfig, world_size: int, adaptive: bool = Fals
     return pick(world_size, adaptive=adaptive) if pick is not None else config.transport_resolved
 
 
+#: DoubleSqueeze compresses the aggregate too: what the start line tells its users about the learning rate.
+DOUBLESQUEEZE_LR_HINT = (
+    "DoubleSqueeze compresses twice (worker and aggregate): where it trails dense accuracy, lower the learning "
+    "rate (about 0.6x on the digits MLP with SGD + momentum, see the README)"
+)
+
+
 # ----- the two lines ------------------------------------------------------------------------------
 def settings_text(config: CompressionConfig, transport: str | None = None) -> str:
     """The settings that matter for this compressor, e.g. ``topk(density=0.01)/ef21 via allgather``."""
@@ -228,6 +235,8 @@ def start_line(
                  f"{config.density_warmup_steps} compressed steps (more bytes then than estimated here)")  # fmt: skip
     if gravac_theta_min is not None:
         line += f"; GraVAC picks the compression factor, starting at CF {gravac_theta_min:g}"
+    if config.feedback == "doublesqueeze":
+        line += f"; {DOUBLESQUEEZE_LR_HINT}"
     return line
 
 

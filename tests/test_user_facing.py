@@ -97,6 +97,13 @@ def test_lightning_prints_start_and_end_lines_on_rank_0(tmp_path, report_lines):
     assert lines.index(starts[0].string) < lines.index(ends[0].string)
 
 
+def test_start_line_tells_doublesqueeze_users_about_the_learning_rate():
+    params = [("w", (64, 64), 4), ("b", (64,), 4)]
+    ds = report.start_line("lightning-compress", CompressionConfig(feedback="doublesqueeze"), params, 2)
+    assert ds.endswith("; " + report.DOUBLESQUEEZE_LR_HINT) and "lower the learning rate" in ds
+    assert "learning rate" not in report.start_line("lightning-compress", CompressionConfig(), params, 2)
+
+
 def _fabric_train(fabric, steps: int, root: str):
     from lightning_compress.report import expected_bytes
 
