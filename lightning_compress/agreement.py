@@ -131,9 +131,10 @@ def check_agreement(state: CompressionState, when: str, *, started: bool = False
     if state.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return
     group, timeout = _check_group(state)
-    bounded = started and after_start_timeout() < timeout.total_seconds()
+    bound = after_start_timeout() if started else None
+    bounded = bound is not None and bound < timeout.total_seconds()
     if bounded:
-        timeout = timedelta(seconds=after_start_timeout())
+        timeout = timedelta(seconds=bound)
     values = describe(state)
     mine = digest(values)
     gathered = torch.empty(state.world_size, mine.numel(), dtype=torch.int64)

@@ -256,8 +256,8 @@ class CompressionConfig:
 
         During the ``density_warmup_steps`` steps after ``warmup_steps`` it starts at 25% and falls
         4x per stage, in ``ceil(log4(0.25 / density))`` stages of equal length (a warm-up shorter
-        than that skips stages), never below ``density``; before and after, ``density``. Every rank computes the same value from the
-        step, so a resumed run continues the schedule where it stopped.
+        than that skips stages), never below ``density``; before and after, ``density``. Every rank
+        computes the same value from the step, so a resumed run continues the schedule where it stopped.
 
         Example::
 

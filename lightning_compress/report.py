@@ -34,7 +34,7 @@ import torch
 from lightning_compress.adaptive import compressor_at
 from lightning_compress.compressors import Compressor
 from lightning_compress.compressors.base import WIRE_ALIGN
-from lightning_compress.config import CompressionConfig
+from lightning_compress.config import DENSITY_COMPRESSORS, CompressionConfig
 from lightning_compress.nodes import expected_sent, node_layout
 from lightning_compress.transport import shard_bounds
 
@@ -174,7 +174,7 @@ DOUBLESQUEEZE_LR_HINT = (
 def settings_text(config: CompressionConfig, transport: str | None = None) -> str:
     """The settings that matter for this compressor, e.g. ``topk(density=0.01)/ef21 via allgather``."""
     details = []
-    if config.compressor in ("topk", "dgc", "randk"):
+    if config.compressor in DENSITY_COMPRESSORS:
         details.append(f"density={config.density:g}")
     if config.compressor == "qsgd":
         details.append(f"bits={config.bits}")

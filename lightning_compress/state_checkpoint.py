@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from lightning_compress.compressors.powersgd import matrix_shape
-from lightning_compress.config import CompressionConfig
+from lightning_compress.config import DENSITY_COMPRESSORS, CompressionConfig
 from lightning_compress.stats import _STATS_FIELDS, CompressionStats
 from lightning_compress.transport import shard_bounds
 
@@ -21,7 +21,7 @@ __all__ = ["STATE_FORMAT", "StateCheckpointing"]
 STATE_FORMAT = 2
 _REQUIRED_KEYS = ("format", "world_size", "step", "config", "memory", "server_memory", "stats")
 # Which compressors read a controller-adjustable setting.
-_USES = {"density": ("topk", "dgc", "randk"), "bits": ("qsgd",)}
+_USES = {"density": DENSITY_COMPRESSORS, "bits": ("qsgd",)}
 _NOT_FINITE = "holds NaN/inf values"
 
 
