@@ -53,7 +53,7 @@ _FIELD_HELP: dict[str, str] = {
     "density_warmup_steps": "steps after warmup_steps in which topk/dgc/randk keep 25%, then 4x fewer per stage, "
     "down to density (0: off)",
     "min_numel": "tensors with fewer elements (and all 1-D tensors) are exchanged densely",
-    "block_size": "elements per scale of sign/qsgd/terngrad; larger compresses more",
+    "block_size": "elements per scale of sign/qsgd/terngrad; larger compresses more; 'none': 1024, 256 with doublesqueeze",
     "seed": "base seed of every random choice (rand-k indices, stochastic rounding)",
     "diana_alpha": "DIANA shift step size in (0, 1], or 'none' for 1 / (omega + 1)",
     "dgc_sample_fraction": "fraction of entries dgc (and topk) sample to find the threshold, in (0, 1]",
@@ -63,7 +63,7 @@ _FIELD_HELP: dict[str, str] = {
     "ranks_per_node": "ranks per node with --hierarchical true; 0 takes LOCAL_WORLD_SIZE",
 }
 _FIELD_TYPES: dict[str, type] = {
-    f.name: float if f.name == "diana_alpha" else type(f.default) for f in dataclasses.fields(CompressionConfig)
+    f.name: {"diana_alpha": float, "block_size": int}.get(f.name, type(f.default)) for f in dataclasses.fields(CompressionConfig)
 }
 _OPTIONS: dict[str, tuple[type, str]] = {
     **{name: (_FIELD_TYPES[name], f"{text} (default {getattr(CompressionConfig, name)!s})")
@@ -89,7 +89,7 @@ def _accelerate_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("compression (accelerate-compress)")
     for name, (_kind, text) in _OPTIONS.items():
         # Strings here: values are validated by CompressionConfig, whose message names the option.
-        group.add_argument(f"--{name}", default=None, help=text)
+        group.add_argument(f"--{name}", default=None, help=text.replace("%", "%%"))  # argparse formats help with %
     group.add_argument("--compression", default=None, help=f"inline 'k=v,...' or a YAML path, as {ENV_VAR}")
     return parser
 
@@ -234,7 +234,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
         if name.startswith("gravac_") or name == "adaptive":
             continue
         kind = _OPTIONS[name][0]
-        if name == "diana_alpha" and value.strip().lower() == "none":
+        if name in ("diana_alpha", "block_size") and value.strip().lower() == "none":
             flags[name] = None
             continue
         if kind is bool:  # true/false, 1/0, yes/no, on/off, as in "k=v,..."

@@ -272,7 +272,8 @@ def scheme_from_config(text: str, n_ranks: int) -> Scheme:
         transport=resolve_transport(comp, fb, values.get("transport", "auto"), group),
         feedback=fb,
         density=float(values.get("density", 0.01)),
-        block_size=int(values.get("block_size", 1024)),
+        # the library's default: 1024 elements per scale, 256 with DoubleSqueeze
+        block_size=int(values.get("block_size", 256 if fb == "doublesqueeze" else 1024)),
         rank=int(values.get("powersgd_rank", 4)),
         min_numel=int(values.get("min_numel", 1024)),
         hierarchical=hier,

@@ -102,7 +102,7 @@ EXTRAPOLATED = (
      "compressor=topk,density=0.01,feedback=ef,transport=allgather"),
     ("top-k 1%+EF two_pass", sm.Scheme("topk", "two_pass", "ef"),
      "compressor=topk,density=0.01,feedback=ef,transport=two_pass"),
-    ("sign+DoubleSqueeze", sm.Scheme("sign", "two_pass", "doublesqueeze"), "compressor=sign,feedback=doublesqueeze"),
+    ("sign+DoubleSqueeze", sm.Scheme("sign", "two_pass", "doublesqueeze", block_size=256), "compressor=sign,feedback=doublesqueeze"),
     ("rand-k 1%+DIANA allreduce", sm.Scheme("randk", "allreduce", "diana"),
      "compressor=randk,density=0.01,feedback=diana,transport=allreduce"),
 )  # fmt: skip

@@ -50,7 +50,7 @@ def compressor_at(config: CompressionConfig, cf: float) -> Compressor:
     else:
         bits, density = config.bits, min(1.0, 1.0 / cf)
     return COMPRESSORS[config.compressor](
-        density=density, bits=bits, block_size=config.block_size, sample_fraction=config.dgc_sample_fraction
+        density=density, bits=bits, block_size=config.block_size_resolved, sample_fraction=config.dgc_sample_fraction
     )
 
 

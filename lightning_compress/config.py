@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from lightning_compress.compressors import COMPRESSORS, Compressor
 from lightning_compress_kernels import SUPPORTED_BITS
 
-__all__ = ["CompressionConfig", "FEEDBACKS", "MOMENTUM_MODES", "TRANSPORTS", "build_config"]
+__all__ = ["CompressionConfig", "FEEDBACKS", "MOMENTUM_MODES", "TRANSPORTS", "build_config", "coarse_two_pass_hint"]
 
 FEEDBACKS = ("none", "ef", "ef21", "diana", "doublesqueeze")
 TRANSPORTS = ("auto", "allreduce", "allgather", "two_pass")
@@ -21,12 +21,29 @@ TWO_PASS_FROM = 4  # ranks from which transport='auto' sends non-summable payloa
 
 #: The compressors whose ``density`` the density warm-up changes.
 DENSITY_COMPRESSORS = ("topk", "dgc", "randk")
+_BLOCK_SIZE = 1024  # elements per scale of sign/qsgd/terngrad unless `block_size` says otherwise
+_DOUBLESQUEEZE_BLOCK_SIZE = 256  # ... and with DoubleSqueeze (see CompressionConfig.block_size_resolved)
+_BLOCK_COMPRESSORS = ("sign", "qsgd", "terngrad")
 _WARMUP_DENSITY = 0.25  # where DGC's warm-up starts (75% sparsity), falling 4x per stage
 
 
 def _choices(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}")
+
+
+def coarse_two_pass_hint(config: "CompressionConfig", transport: str) -> str | None:
+    """A hint for an exchange that compresses twice (DoubleSqueeze, or ``ef`` over ``two_pass``) with
+    block scales coarser than 256 elements; ``None`` otherwise."""
+    twice = config.feedback == "doublesqueeze" or (config.feedback == "ef" and transport == "two_pass")
+    block = config.block_size_resolved
+    if not twice or config.compressor not in _BLOCK_COMPRESSORS or block <= _DOUBLESQUEEZE_BLOCK_SIZE:
+        return None
+    return (
+        f"this exchange compresses twice (each rank's tensor, then each shard's sum over ranks): with block_size={block} "
+        "sign + DoubleSqueeze trailed dense accuracy by 2 to 3 points on the digits MLP, with 256 (DoubleSqueeze's "
+        "default) by about 1; set block_size=256, or lower the learning rate (see the README)"
+    )
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,9 @@ class CompressionConfig:
             :meth:`density_at`). 0 (default): ``density`` from the first compressed step.
         min_numel: tensors with fewer elements, and all 1-D tensors, are exchanged densely.
         block_size: elements per scale of ``sign``/``qsgd``/``terngrad``; larger compresses more.
+            ``None`` (default): 1024, or 256 with ``doublesqueeze``, whose second compression (of
+            the summed shards) needs the finer scales to keep up with dense accuracy (see
+            :attr:`block_size_resolved`).
         seed: base seed of every random choice (rand-k indices, stochastic rounding).
         diana_alpha: DIANA shift step size in (0, 1]; default ``1 / (omega + 1)``.
         dgc_sample_fraction: fraction of entries ``dgc`` samples to estimate its threshold (``topk``
@@ -89,7 +109,7 @@ class CompressionConfig:
     warmup_steps: int = 0
     density_warmup_steps: int = 0
     min_numel: int = 1024
-    block_size: int = 1024
+    block_size: int | None = None
     seed: int = 0
     diana_alpha: float | None = None
     dgc_sample_fraction: float = 0.01
@@ -102,7 +122,7 @@ class CompressionConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             expected = _FIELD_TYPES[f.name]
-            if value is None and f.name == "diana_alpha":
+            if value is None and f.name in _OPTIONAL_FIELDS:
                 continue
             ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
             if not ok:
@@ -127,7 +147,7 @@ class CompressionConfig:
             )
         if self.min_numel < 0:
             raise ValueError(f"`min_numel` must be >= 0; got {self.min_numel!r}")
-        if self.block_size < 1:
+        if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"`block_size` must be >= 1; got {self.block_size!r}")
         if self.seed < 0:
             raise ValueError(f"`seed` must be >= 0; got {self.seed!r}")
@@ -163,7 +183,7 @@ class CompressionConfig:
     # ----- pairing rules -------------------------------------------------------------------
     def _check_pairing(self) -> None:
         comp = self.make_compressor()
-        probe = max(self.block_size, 1 << 20)  # a large tensor: the bounds that matter in practice
+        probe = max(self.block_size_resolved, 1 << 20)  # a large tensor: the bounds that matter in practice
         if self.feedback == "diana" and not comp.unbiased:
             unbiased = tuple(n for n, c in COMPRESSORS.items() if c.unbiased)
             raise ValueError(
@@ -208,6 +228,22 @@ class CompressionConfig:
             )
 
     # ----- derived ---------------------------------------------------------------------------
+    @property
+    def block_size_resolved(self) -> int:
+        """Elements per scale: ``block_size``, or where it is ``None``, 1024, and 256 with ``doublesqueeze``.
+
+        DoubleSqueeze compresses twice (each rank's tensor, then each shard's sum over ranks, each
+        with its own error): with 1024 elements per scale, sign + DoubleSqueeze trailed dense
+        accuracy by 2.0 (SGD + momentum) and 2.8 points (AdamW) on the digits MLP, with 256 by 0.9
+        and 1.3, for 9% more bytes (``benchmarks/results/convergence_doublesqueeze_block_mlp.md``).
+
+        >>> CompressionConfig(feedback="doublesqueeze").block_size_resolved, CompressionConfig().block_size_resolved
+        (256, 1024)
+        """
+        if self.block_size is not None:
+            return self.block_size
+        return _DOUBLESQUEEZE_BLOCK_SIZE if self.feedback == "doublesqueeze" else _BLOCK_SIZE
+
     @property
     def transport_resolved(self) -> str:
         """The transport ``auto`` stands for on 2 ranks (see :meth:`transport_for` for more)."""
@@ -276,7 +312,7 @@ class CompressionConfig:
         """A compressor instance with this config's settings."""
         extra = {"rank": self.powersgd_rank} if self.compressor == "powersgd" else {}
         return COMPRESSORS[self.compressor](
-            density=self.density, bits=self.bits, block_size=self.block_size, sample_fraction=self.dgc_sample_fraction,
+            density=self.density, bits=self.bits, block_size=self.block_size_resolved, sample_fraction=self.dgc_sample_fraction,
             **extra,
         )
 
@@ -366,12 +402,15 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "ranks_per_node": (int,),
 }
 
+#: fields whose ``None`` means a default that depends on other fields
+_OPTIONAL_FIELDS = ("block_size", "diana_alpha")
+
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _parse_value(key: str, raw: str) -> Any:
     types = _FIELD_TYPES[key]
-    if key == "diana_alpha" and raw.lower() in ("none", ""):
+    if key in _OPTIONAL_FIELDS and raw.lower() in ("none", ""):
         return None
     if str in types:
         return raw

@@ -76,7 +76,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         warmup_steps: int = 0,
         density_warmup_steps: int = 0,
         min_numel: int = 1024,
-        block_size: int = 1024,
+        block_size: Optional[int] = None,
         seed: int = 0,
         diana_alpha: Optional[float] = None,
         dgc_sample_fraction: float = 0.01,

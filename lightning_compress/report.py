@@ -34,7 +34,7 @@ import torch
 from lightning_compress.adaptive import compressor_at
 from lightning_compress.compressors import Compressor
 from lightning_compress.compressors.base import WIRE_ALIGN
-from lightning_compress.config import DENSITY_COMPRESSORS, CompressionConfig
+from lightning_compress.config import DENSITY_COMPRESSORS, CompressionConfig, coarse_two_pass_hint
 from lightning_compress.nodes import expected_sent, node_layout
 from lightning_compress.transport import shard_bounds
 
@@ -164,11 +164,6 @@ def _transport(config: CompressionConfig, world_size: int, adaptive: bool = Fals
 
 
 #: DoubleSqueeze compresses the aggregate too: what the start line tells its users about the learning rate.
-DOUBLESQUEEZE_LR_HINT = (
-    "DoubleSqueeze compresses twice (worker and aggregate): where it trails dense accuracy, lower the learning "
-    "rate (about 0.6x on the digits MLP with SGD + momentum, see the README)"
-)
-
 
 # ----- the two lines ------------------------------------------------------------------------------
 def settings_text(config: CompressionConfig, transport: str | None = None) -> str:
@@ -179,7 +174,7 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
     if config.compressor == "qsgd":
         details.append(f"bits={config.bits}")
     if config.compressor in ("sign", "qsgd", "terngrad"):
-        details.append(f"block_size={config.block_size}")
+        details.append(f"block_size={config.block_size_resolved}")
     if config.compressor == "powersgd":
         details.append(f"rank={config.powersgd_rank}")
     comp = config.compressor + (f"({', '.join(details)})" if details else "")
@@ -235,8 +230,9 @@ def start_line(
                  f"{config.density_warmup_steps} compressed steps (more bytes then than estimated here)")  # fmt: skip
     if gravac_theta_min is not None:
         line += f"; GraVAC picks the compression factor, starting at CF {gravac_theta_min:g}"
-    if config.feedback == "doublesqueeze":
-        line += f"; {DOUBLESQUEEZE_LR_HINT}"
+    hint = coarse_two_pass_hint(config, transport)
+    if hint is not None:
+        line += f"; {hint}"
     return line
 
 

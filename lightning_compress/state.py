@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from lightning_compress.adaptive_link import AdaptiveLink
 from lightning_compress.collectives import Collectives
-from lightning_compress.config import TWO_PASS_FROM, CompressionConfig
+from lightning_compress.config import TWO_PASS_FROM, CompressionConfig, coarse_two_pass_hint
 from lightning_compress.exchange import StepPipeline
 from lightning_compress.feedback import make_feedback
 from lightning_compress.nodes import make_hierarchy
@@ -118,12 +118,9 @@ class CompressionState(StateCheckpointing):
         if self.rank == 0:
             # The integrations print the settings once, in their start line (lightning_compress.report).
             log.debug("lightning_compress: %s on %d ranks via %s", config, self.world_size, self.transport)
-            if self.transport == "two_pass" and config.feedback in ("ef", "doublesqueeze"):
-                log.info(
-                    "lightning_compress: DoubleSqueeze compresses twice (worker and aggregate): where it trails dense "
-                    "accuracy, lower the learning rate (on digits with SGD + momentum, 0.6x closed most of the gap; "
-                    "see the README's convergence results)"
-                )
+            hint = coarse_two_pass_hint(config, self.transport)
+            if hint is not None:
+                log.info("lightning_compress: %s", hint)
             if self.transport == "allgather" and self.world_size >= TWO_PASS_FROM:
                 warnings.warn(
                     f"lightning_compress: {config.compressor}/{config.feedback} travels by all_gather, so each of the "

@@ -58,7 +58,7 @@ class _CompressedDDPMixin(_CompressionCore):
         warmup_steps: int = 0,
         density_warmup_steps: int = 0,
         min_numel: int = 1024,
-        block_size: int = 1024,
+        block_size: Optional[int] = None,
         seed: int = 0,
         diana_alpha: Optional[float] = None,
         dgc_sample_fraction: float = 0.01,

@@ -44,6 +44,30 @@ def test_from_string_diana_alpha_none() -> None:
     assert config.diana_alpha == 0.5
 
 
+def test_block_size_default_is_finer_for_doublesqueeze_and_an_explicit_value_wins() -> None:
+    assert CompressionConfig().block_size is None
+    assert CompressionConfig().block_size_resolved == 1024
+    assert CompressionConfig(feedback="doublesqueeze").block_size_resolved == 256
+    for feedback in ("ef", "ef21", "none"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sign without feedback warns
+            assert CompressionConfig(feedback=feedback).block_size_resolved == 1024
+    assert CompressionConfig(feedback="doublesqueeze", block_size=1024).block_size_resolved == 1024
+    # the compressor gets the resolved value, for every block compressor
+    assert CompressionConfig(feedback="doublesqueeze").make_compressor().block_size == 256
+    qsgd = CompressionConfig(compressor="qsgd", bits=8, feedback="doublesqueeze").make_compressor()
+    assert qsgd.block_size == 256
+    assert CompressionConfig(compressor="qsgd", bits=4, block_size=128).make_compressor().block_size == 128
+    # 'none' in the inline form means the default; the dict form round-trips None
+    parsed = CompressionConfig.from_string("feedback=doublesqueeze,block_size=none")
+    assert parsed.block_size is None and parsed.block_size_resolved == 256
+    assert CompressionConfig.from_dict(parsed.to_dict()) == parsed
+    with pytest.raises(ValueError, match="block_size"):
+        CompressionConfig(block_size=0)
+    with pytest.raises(TypeError, match="block_size"):
+        CompressionConfig(block_size=256.0)
+
+
 def _raises_naming(match_option: str, value: str, **kwargs) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 EPOCHS = 5
 RECOMMENDED = {
-    "sgd": ("compressor=sign,feedback=ef", "compressor=topk,density=0.01,feedback=ef"),
+    # DoubleSqueeze with its default block size (256 elements per scale)
+    "sgd": ("compressor=sign,feedback=ef", "compressor=topk,density=0.01,feedback=ef", "compressor=sign,feedback=doublesqueeze"),
     # top-k 1% + ef with AdamW needs DGC's density warm-up (3 epochs here): 88.0% after 5 epochs without it
     "adamw": (
         "compressor=sign,feedback=ef",

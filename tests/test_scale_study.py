@@ -53,7 +53,7 @@ def test_ring_time_on_one_node():
         ("dense", (25.19, 37.78, 44.08)),
         ("compressor=sign,feedback=ef", (0.83, 1.28, 1.56)),
         ("compressor=topk,density=0.01,feedback=ef", (0.52, 0.82, 1.02)),
-        ("compressor=sign,feedback=doublesqueeze", (0.83, 1.28, 1.56)),
+        ("compressor=sign,feedback=doublesqueeze", (0.91, 1.39, 1.69)),  # 256 elements per scale
         ("compressor=randk,density=0.01,feedback=diana", (0.27, 0.41, 0.48)),
         ("compressor=topk,density=0.01,feedback=ef21", (0.52, 1.57, 3.67)),
     ],

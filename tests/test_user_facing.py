@@ -36,7 +36,7 @@ from lightning_compress import CompressionConfig, CompressionMonitor, Compressio
 from lightning_compress.adaptive import attach_gravac, compressor_at  # noqa: E402
 from lightning_compress.callbacks import GRAVAC_STRATEGY_HINT  # noqa: E402
 from lightning_compress.compressors import COMPRESSORS  # noqa: E402
-from lightning_compress.config import FEEDBACKS, MOMENTUM_MODES, TRANSPORTS  # noqa: E402
+from lightning_compress.config import FEEDBACKS, MOMENTUM_MODES, TRANSPORTS, coarse_two_pass_hint  # noqa: E402
 from lightning_compress.fabric import CompressedDDPStrategy as FabricStrategy  # noqa: E402
 from lightning_compress.strategy import CompressedDDPStrategy  # noqa: E402
 from tests._dist import free_port  # noqa: E402
@@ -97,11 +97,18 @@ def test_lightning_prints_start_and_end_lines_on_rank_0(tmp_path, report_lines):
     assert lines.index(starts[0].string) < lines.index(ends[0].string)
 
 
-def test_start_line_tells_doublesqueeze_users_about_the_learning_rate():
+def test_start_line_tells_users_of_two_compressions_about_coarse_blocks():
     params = [("w", (64, 64), 4), ("b", (64,), 4)]
-    ds = report.start_line("lightning-compress", CompressionConfig(feedback="doublesqueeze"), params, 2)
-    assert ds.endswith("; " + report.DOUBLESQUEEZE_LR_HINT) and "lower the learning rate" in ds
-    assert "learning rate" not in report.start_line("lightning-compress", CompressionConfig(), params, 2)
+    coarse = CompressionConfig(feedback="doublesqueeze", block_size=1024)
+    ds = report.start_line("lightning-compress", coarse, params, 2)
+    assert ds.endswith("; " + coarse_two_pass_hint(coarse, "two_pass")) and "set block_size=256" in ds
+    assert "sign(block_size=1024)/doublesqueeze" in ds
+    default = report.start_line("lightning-compress", CompressionConfig(feedback="doublesqueeze"), params, 2)
+    assert "sign(block_size=256)/doublesqueeze" in default and "block_size=256," not in default
+    # ef over two passes is DoubleSqueeze's algorithm (4 ranks and more): the same hint; over all_gather none
+    assert "set block_size=256" in report.start_line("lightning-compress", CompressionConfig(), params, 4)
+    assert "set block_size=256" not in report.start_line("lightning-compress", CompressionConfig(), params, 2)
+    assert coarse_two_pass_hint(CompressionConfig(compressor="topk", feedback="doublesqueeze"), "two_pass") is None
 
 
 def _fabric_train(fabric, steps: int, root: str):
@@ -390,8 +397,14 @@ def test_launcher_has_an_option_for_every_field():
     from accelerate_compress.launcher import _accelerate_parser, plan
 
     options = {a for action in _accelerate_parser()._actions for a in action.option_strings}
+    # what a user types: argparse %-formats every help string
+    out = subprocess.run([sys.executable, "-m", "accelerate_compress.launcher", "launch", "--help"],
+                         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
     for name in CompressionConfig().to_dict():
         assert f"--{name}" in options, name
+        assert f"--{name}" in out.stdout, name
+    assert "keep 25%," in out.stdout and "256 with doublesqueeze" in out.stdout
     argv = ["--cpu", "--num_processes", "2", "--compressor", "dgc", "--density", "0.1", "--feedback", "ef21",
             "--transport", "allgather", "--warmup_steps", "3", "--min_numel", "10", "--block_size", "64",
             "--seed", "7", "--dgc_sample_fraction", "0.5", "--momentum", "optimizer", "--bits", "4",
@@ -402,6 +415,9 @@ def test_launcher_has_an_option_for_every_field():
                                        momentum="optimizer", bits=4)  # fmt: skip
     with pytest.raises(ValueError, match="--warmup_steps must be an integer"):
         plan(["--warmup_steps", "x", "train.py"], environ={})
+    # 'none' means the default block size, which DoubleSqueeze makes finer
+    ds = plan(["--feedback", "doublesqueeze", "--block_size", "none", "train.py"], environ={})["config"]
+    assert ds.block_size is None and ds.block_size_resolved == 256
 
 
 def test_compression_monitor_is_exported():
