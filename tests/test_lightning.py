@@ -448,10 +448,9 @@ def test_digits_compressed_accuracy_within_one_point_of_dense():
         return sum(r["accuracy"] for r in results) / len(results), results
 
     dense, _ = mean_accuracy(lambda: "ddp_fork")
-    # DoubleSqueeze compresses twice: it takes about 0.6x dense training's learning rate (the README says so).
-    for options, lr in ((dict(compressor="sign", feedback="doublesqueeze"), 0.03),
-                        (dict(compressor="topk", density=0.01, feedback="ef"), 0.05)):  # fmt: skip
-        accuracy, results = mean_accuracy(lambda options=options: CompressedDDPStrategy(start_method="fork", **options), lr=lr)
+    # at dense training's learning rate: DoubleSqueeze with its default 256 elements per scale
+    for options in (dict(compressor="sign", feedback="doublesqueeze"), dict(compressor="topk", density=0.01, feedback="ef")):
+        accuracy, results = mean_accuracy(lambda options=options: CompressedDDPStrategy(start_method="fork", **options))
         assert abs(accuracy - dense) <= 0.01, (options, accuracy, dense, results)
         assert all(r["ratio"] > 10.0 for r in results), (options, results)
 
