@@ -442,7 +442,8 @@ def worker_common(args) -> list[str]:
     common = ["--batch", str(args.batch), "--warmup", str(args.warmup), "--target-seconds", str(args.target_seconds),
               "--min-steps", str(args.min_steps), "--max-steps", str(args.max_steps), "--epochs", str(args.epochs),
               "--gravac", json.dumps(GRAVAC)]  # fmt: skip
-    return common + ["--model", args.model] + (["--quick"] if args.quick else [])
+    return (common + ["--model", args.model] + (["--quick"] if args.quick else [])
+            + (["--bucket-view"] if getattr(args, "bucket_view", False) else []))
 
 
 def merge_step(results: list[dict | None], part: str = "step") -> tuple[dict | None, str | None]:
@@ -625,7 +626,9 @@ def write_markdown(data: dict, path: Path) -> None:
         f"({shape}), "
         f"per-rank batch {args['batch']} of random inputs with random labels, cross-entropy, SGD (momentum 0.9; ours move it into the exchange); a step is "
         "zero_grad + forward + backward (the exchange runs inside) + optimizer step. "
-        f"{args['warmup']} warm-up steps, then K timed steps with K = ceil({args['target_seconds']:g} s / last warm-up step) "
+        + ("Every DDP model (dense, PyTorch's hooks, ours) is built with `gradient_as_bucket_view=True` (gradients "
+           "are views into DDP's buckets: one copy fewer per step for all of them). " if args.get("bucket_view") else "")
+        + f"{args['warmup']} warm-up steps, then K timed steps with K = ceil({args['target_seconds']:g} s / last warm-up step) "
         f"clamped to [{args['min_steps']}, {args['max_steps']}]. A step's time is the slowest rank's; the table gives the "
         "median over the timed steps.",
         "- **Floor**: the same model and per-rank batch in one process, no DDP, no communication ("
@@ -890,6 +893,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="mlp", choices=("mlp", "blocks"),
                    help="step-time workload: the 25.2M MLP (6 tensors) or the 24.8M block stack (242 tensors)")
     p.add_argument("--batch", type=int, default=32, help="per-rank batch of the MLP")
+    p.add_argument("--bucket-view", action="store_true",
+                   help="every DDP of the step-time runs (dense, PyTorch's hooks, ours) with gradient_as_bucket_view=True")
     p.add_argument("--epochs", type=int, default=None, help="digits epochs (default 20; --quick: 2)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; --quick: a temp dir)")
     p.add_argument("--from-json", type=Path, default=None, metavar="NETWORK_JSON",

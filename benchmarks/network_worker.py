@@ -205,7 +205,7 @@ def step_mode(args, cfg: str, rank: int, world: int) -> dict:
     if args.mode == "floor":
         net, kind, state, run = model, "floor", None, None
     else:
-        net = DistributedDataParallel(model)
+        net = DistributedDataParallel(model, gradient_as_bucket_view=args.bucket_view)
         kind, state, run = install(net, cfg, args.gravac, float(world * args.batch))
         if kind == "torch":
             count_allreduce_bytes()
@@ -374,6 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small model (0.4M parameters)")
     p.add_argument("--model", default="mlp", choices=("mlp", "blocks"), help="workload of the step mode (see _models)")
     p.add_argument("--batch", type=int, default=32, help="per-rank batch of the MLP")
+    p.add_argument("--bucket-view", action="store_true", help="step mode: DDP with gradient_as_bucket_view=True")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--target-seconds", type=float, default=20.0, help="time the timed steps should take")

@@ -82,6 +82,7 @@ class AgreementError(RuntimeError):
 def describe(state: CompressionState) -> dict[str, Any]:
     """This rank's readable value of every field in :data:`FIELDS` (plain types)."""
     values: dict[str, Any] = {name: getattr(state.config, name) for name in CONFIG_FIELDS}
+    values["block_size"] = state.config.block_size_resolved  # unset and set to its default value agree
     values["pending"] = dict(sorted(state._pending.items()))
     values["step"] = int(state.step)
     values["world_size"] = int(state.world_size)

@@ -119,6 +119,15 @@ def _registration_worker(rank, world):
     train(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), x, y, 2)
 
 
+def test_settings_check_compares_the_block_size_that_runs():
+    from lightning_compress.agreement import describe
+
+    unset = describe(_state(CompressionConfig(feedback="doublesqueeze", min_numel=64)))
+    assert unset["block_size"] == 256  # what runs, so an unset and an explicit 256 agree
+    assert unset == describe(_state(CompressionConfig(feedback="doublesqueeze", block_size=256, min_numel=64)))
+    assert describe(_state(CompressionConfig(feedback="doublesqueeze", block_size=1024, min_numel=64)))["block_size"] == 1024
+
+
 def test_ranks_with_different_settings_stop_at_registration_naming_field_and_values():
     run_bounded(_registration_worker)
 
