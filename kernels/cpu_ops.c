@@ -42,11 +42,41 @@ static inline float uniform_at(uint64_t i, uint32_t k0, uint32_t k1) {
     return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
 
+/* Stores of data the step does not read again (the new residual and velocity: read at the next
+ * step, after 100s of MB of other traffic): with AVX2 and a 32-byte aligned destination,
+ * non-temporal stores, which skip reading each line before it is overwritten and leave the cache
+ * to the data that is read again. The values stored are the same; a function that uses them ends
+ * with fence_streams() so that other threads see them once it returns. */
+static inline void fence_streams(void) {
+#ifdef __AVX2__
+    _mm_sfence();
+#endif
+}
+
+/* dst[0, len) = src[0, len), bit for bit, by non-temporal stores where dst allows. */
+static void stream_copy(float *dst, const float *src, int64_t len) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    if (((uintptr_t)dst & 31u) == 0)
+        for (; i + 8 <= len; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+    for (; i < len; ++i) dst[i] = src[i];
+}
+
+static void sign_ef_blocks(const float *x, const float *e, float *r, float *scales, float *sq, uint8_t *packed,
+                           int64_t n, int64_t block, float xscale, int64_t b0, int64_t b1);
+
 /* v = xscale * x + e (e may be NULL; xscale == 1 reads x as it is); per block:
  * scale = sum|v| / len, sq = sum v^2; bit = v >= 0;
  * r (may be NULL, may alias x or e) = v - (bit ? scale : -scale). */
 void lc_sign_ef(const float *x, const float *e, float *r, float *scales, float *sq, uint8_t *packed,
                 int64_t n, int64_t block, float xscale, int64_t b0, int64_t b1) {
+    sign_ef_blocks(x, e, r, scales, sq, packed, n, block, xscale, b0, b1);
+    fence_streams();
+}
+
+static void sign_ef_blocks(const float *x, const float *e, float *r, float *scales, float *sq, uint8_t *packed,
+                           int64_t n, int64_t block, float xscale, int64_t b0, int64_t b1) {
     const int scaled = xscale != 1.0f;
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * block;
@@ -112,13 +142,20 @@ void lc_sign_ef(const float *x, const float *e, float *r, float *scales, float *
 #ifdef __AVX2__
         const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s), zero = _mm256_setzero_ps();
         const __m256 xs8 = _mm256_set1_ps(xscale);
+        const int stream = rb && ((uintptr_t)rb & 31u) == 0;
         for (; g + 8 <= len; g += 8) {
             __m256 v = _mm256_loadu_ps(xb + g);
             if (scaled) v = _mm256_mul_ps(v, xs8);
             if (eb) v = _mm256_add_ps(v, _mm256_loadu_ps(eb + g));
             const __m256 ge = _mm256_cmp_ps(v, zero, _CMP_GE_OQ); /* NaN: false */
             pb[g / 8] = (uint8_t)_mm256_movemask_ps(ge);
-            if (rb) _mm256_storeu_ps(rb + g, _mm256_sub_ps(v, _mm256_blendv_ps(neg, pos, ge)));
+            if (rb) {
+                const __m256 res = _mm256_sub_ps(v, _mm256_blendv_ps(neg, pos, ge));
+                if (stream)
+                    _mm256_stream_ps(rb + g, res); /* see stream_copy */
+                else
+                    _mm256_storeu_ps(rb + g, res);
+            }
         }
 #endif
         for (; g < len; g += 8) {
@@ -328,8 +365,9 @@ void lc_sign_server(const float *const *scales, const uint8_t *const *packed, in
         const int64_t len = (n - start < block) ? n - start : block;
         for (int64_t i = 0; i < len; ++i) err_out[start + i] = err_in[start + i];
         lc_sign_decode_add(scales, packed, R, err_out, n, block, 0, b, b + 1);
-        lc_sign_ef(err_out, 0, err_out, scales_out, sq_out, packed_out, n, block, 1.0f, b, b + 1);
+        sign_ef_blocks(err_out, 0, err_out, scales_out, sq_out, packed_out, n, block, 1.0f, b, b + 1);
     }
+    fence_streams();
 }
 
 /* 1 if every element of x[i0, i1) is finite (exponent bits not all ones), else 0. */
@@ -429,8 +467,8 @@ void lc_sign_ef_multi(const lc_sign_seg *segs, int64_t T, float xscale, float *s
         const int64_t b0 = g - s->first_block;
         const int64_t b1 = (nb < b0 + (g1 - g)) ? nb : b0 + (g1 - g);
         float *scales = (float *)s->payload;
-        lc_sign_ef(s->x, s->e, s->r, scales, sq_out + s->first_block, s->payload + 4 * nb, s->n, s->block, xscale,
-                   b0, b1);
+        sign_ef_blocks(s->x, s->e, s->r, scales, sq_out + s->first_block, s->payload + 4 * nb, s->n, s->block, xscale,
+                       b0, b1);
         for (int64_t b = b0; b < b1; ++b) {
             const int64_t len = (s->n - b * s->block < s->block) ? s->n - b * s->block : s->block;
             float *sq = sq_out + s->first_block + b;
@@ -438,6 +476,7 @@ void lc_sign_ef_multi(const lc_sign_seg *segs, int64_t T, float xscale, float *s
         }
         g += b1 - b0;
     }
+    fence_streams();
 }
 
 typedef struct {
@@ -454,7 +493,7 @@ void lc_sign_ef_velocity_multi(const lc_sign_vseg *segs, int64_t T, const lc_vpa
                                float *err_out, int64_t g0, int64_t g1) {
     if (g0 >= g1) return;
     int64_t t = seg_of(&segs[0].first_block, T, g0, sizeof(lc_sign_vseg));
-    float stack[4096];
+    float stack[2 * 4096];
     float *tmp = stack;
     size_t have = 4096;
     for (int64_t g = g0; g < g1; ++g) {
@@ -465,18 +504,21 @@ void lc_sign_ef_velocity_multi(const lc_sign_vseg *segs, int64_t T, const lc_vpa
         const int64_t len = (s->n - start < s->block) ? s->n - start : s->block;
         if ((size_t)len > have) {
             if (tmp != stack) free(tmp);
-            tmp = (float *)malloc(sizeof(float) * (size_t)len);
+            tmp = (float *)malloc(sizeof(float) * 2 * (size_t)len);
             have = (size_t)len;
         }
-        velocity_span(s->x + start, s->p ? s->p + start : 0, s->u_old ? s->u_old + start : 0, s->u_out + start,
+        float *u = tmp + have; /* the new velocity, streamed out below */
+        velocity_span(s->x + start, s->p ? s->p + start : 0, s->u_old ? s->u_old + start : 0, u,
                       s->e ? s->e + start : 0, tmp, len, vp);
+        stream_copy(s->u_out + start, u, len);
         float *scales = (float *)s->payload;
         /* The block as a one-block tensor of its own: the same sums, bits and residual as lc_sign_ef on s + e. */
-        lc_sign_ef(tmp, 0, s->r ? s->r + start : 0, scales + b, sq_out + g, s->payload + 4 * nb + start / 8, len, len,
-                   1.0f, 0, 1);
+        sign_ef_blocks(tmp, 0, s->r ? s->r + start : 0, scales + b, sq_out + g, s->payload + 4 * nb + start / 8, len,
+                       len, 1.0f, 0, 1);
         saturate_block(sq_out + g, err_out + g, scales[b], len);
     }
     if (tmp != stack) free(tmp);
+    fence_streams();
 }
 
 typedef struct {
@@ -652,7 +694,7 @@ void lc_topk_pass(const lc_topk_job *jobs, lc_topk_chunk *chunks, float xscale, 
                   int64_t c1) {
     const int scaled = xscale != 1.0f;
     enum { TILE = 4096 }; /* a multiple of LANES: tiles of a chunk sum as the whole chunk does */
-    float tile[TILE];
+    float tile[TILE], utile[TILE];
     for (int64_t c = c0; c < c1; ++c) {
         lc_topk_chunk *ch = &chunks[c];
         const lc_topk_job *j = &jobs[ch->job];
@@ -666,13 +708,15 @@ void lc_topk_pass(const lc_topk_job *jobs, lc_topk_chunk *chunks, float xscale, 
             for (int64_t i = ch->i0; i < ch->i1; i += TILE) {
                 const int64_t len = (ch->i1 - i < TILE) ? ch->i1 - i : TILE;
                 float *v = j->r ? j->r + i : tile;
-                velocity_span(j->x + i, j->p ? j->p + i : 0, j->u_old ? j->u_old + i : 0, j->u_out + i,
+                velocity_span(j->x + i, j->p ? j->p + i : 0, j->u_old ? j->u_old + i : 0, utile,
                               j->e ? j->e + i : 0, v, len, vp);
+                stream_copy(j->u_out + i, utile, len);
                 topk_span(v, 0, 0, 1.0f, 0, j->threshold, len, i, ch, &cnt, acc, zero);
             }
         }
         topk_close(ch, cnt, acc, zero);
     }
+    fence_streams();
 }
 
 /* Keep the exact top-k of each job [j0, j1) among its chunks' candidates (chunks of a job are

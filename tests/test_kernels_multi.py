@@ -248,11 +248,18 @@ def test_velocity_cpu_matches_twin_and_means_the_formula(monkeypatch, case, firs
 
 
 @needs_cpu
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("first", [False, True])
 @pytest.mark.parametrize("path", ["cpu", "torch"])
-def test_multi_ops_with_velocity_equal_velocity_then_op(monkeypatch, path, first):
-    """sign_ef_multi and topk_ef_multi with a velocity: the bits of kernels.velocity then the op on s."""
+def test_multi_ops_with_velocity_equal_velocity_then_op(monkeypatch, path, first, offset):
+    """sign_ef_multi and topk_ef_multi with a velocity: the bits of kernels.velocity then the op on s.
+
+    The new velocity and residual go out by non-temporal stores where they start on 32 bytes
+    (``offset`` 0), by plain stores otherwise (views one float in): the same bits either way."""
     from lightning_compress_kernels.velocity import Velocity, velocity
+
+    def out_buffer(n):
+        return torch.empty(n + offset)[offset:]
 
     monkeypatch.setenv(ENV_VAR, path)
     g = torch.Generator().manual_seed(9)
@@ -266,8 +273,8 @@ def test_multi_ops_with_velocity_equal_velocity_then_op(monkeypatch, path, first
     offsets, total = aligned_offsets([sign_payload_nbytes(n, b) for n, b in zip(sizes, blocks)])
     runs = []
     for fused in (True, False):
-        u = [torch.empty(n) for n in sizes]
-        r, wire = [torch.empty(n) for n in sizes], torch.zeros(total, dtype=torch.uint8)
+        u = [out_buffer(n) for n in sizes]
+        r, wire = [out_buffer(n) for n in sizes], torch.zeros(total, dtype=torch.uint8)
         spec = Velocity(p, [None] * 4 if first else old, u, **k)
         if fused:
             out = sign_ef_multi(grad, e, r, wire, offsets, blocks=blocks, velocity=spec)
@@ -282,8 +289,8 @@ def test_multi_ops_with_velocity_equal_velocity_then_op(monkeypatch, path, first
     toffsets, ttotal = aligned_offsets([8 * kk for kk in ks])
     runs = []
     for fused in (True, False):
-        u = [torch.empty(n) for n in sizes]
-        r, wire = [torch.empty(n) for n in sizes], torch.zeros(ttotal, dtype=torch.uint8)
+        u = [out_buffer(n) for n in sizes]
+        r, wire = [out_buffer(n) for n in sizes], torch.zeros(ttotal, dtype=torch.uint8)
         spec = Velocity(p, [None] * 4 if first else old, u, **k)
         if fused:
             out = topk_ef_multi(grad, e, r, ks, wire, toffsets, seeds=[1, 2, 3, 4], velocity=spec)
