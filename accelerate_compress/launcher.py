@@ -19,7 +19,6 @@ starts, so an unknown key or malformed YAML is reported in one line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import os
 import subprocess
@@ -37,7 +36,8 @@ from accelerate_compress.flag import (
     resolve,
     to_inline,
 )
-from lightning_compress.config import CompressionConfig, _parse_value
+from lightning_compress.config import _FIELD_TYPES as _CONFIG_FIELD_TYPES
+from lightning_compress.config import _OPTIONAL_FIELDS, CompressionConfig, _parse_value
 
 __all__ = ["main", "plan"]
 
@@ -62,9 +62,8 @@ _FIELD_HELP: dict[str, str] = {
     "hierarchical": "true: dense inside a node, compressed only across nodes (false: flat)",
     "ranks_per_node": "ranks per node with --hierarchical true; 0 takes LOCAL_WORLD_SIZE",
 }
-_FIELD_TYPES: dict[str, type] = {
-    f.name: {"diana_alpha": float, "block_size": int}.get(f.name, type(f.default)) for f in dataclasses.fields(CompressionConfig)
-}
+# What a flag's text becomes: the first type the config accepts for the field.
+_FIELD_TYPES: dict[str, type] = {name: types[0] for name, types in _CONFIG_FIELD_TYPES.items()}
 _OPTIONS: dict[str, tuple[type, str]] = {
     **{name: (_FIELD_TYPES[name], f"{text} (default {getattr(CompressionConfig, name)!s})")
        for name, text in _FIELD_HELP.items()},
@@ -234,7 +233,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> dict[str, An
         if name.startswith("gravac_") or name == "adaptive":
             continue
         kind = _OPTIONS[name][0]
-        if name in ("diana_alpha", "block_size") and value.strip().lower() == "none":
+        if name in _OPTIONAL_FIELDS and value.strip().lower() == "none":
             flags[name] = None
             continue
         if kind is bool:  # true/false, 1/0, yes/no, on/off, as in "k=v,..."

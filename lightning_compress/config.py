@@ -23,7 +23,8 @@ TWO_PASS_FROM = 4  # ranks from which transport='auto' sends non-summable payloa
 DENSITY_COMPRESSORS = ("topk", "dgc", "randk")
 _BLOCK_SIZE = 1024  # elements per scale of sign/qsgd/terngrad unless `block_size` says otherwise
 _DOUBLESQUEEZE_BLOCK_SIZE = 256  # ... and with DoubleSqueeze (see CompressionConfig.block_size_resolved)
-_BLOCK_COMPRESSORS = ("sign", "qsgd", "terngrad")
+#: The compressors with one fp32 scale per ``block_size`` elements.
+BLOCK_COMPRESSORS = ("sign", "qsgd", "terngrad")
 _WARMUP_DENSITY = 0.25  # where DGC's warm-up starts (75% sparsity), falling 4x per stage
 
 
@@ -37,7 +38,7 @@ def coarse_two_pass_hint(config: "CompressionConfig", transport: str) -> str | N
     block scales coarser than 256 elements; ``None`` otherwise."""
     twice = config.feedback == "doublesqueeze" or (config.feedback == "ef" and transport == "two_pass")
     block = config.block_size_resolved
-    if not twice or config.compressor not in _BLOCK_COMPRESSORS or block <= _DOUBLESQUEEZE_BLOCK_SIZE:
+    if not twice or config.compressor not in BLOCK_COMPRESSORS or block <= _DOUBLESQUEEZE_BLOCK_SIZE:
         return None
     return (
         f"this exchange compresses twice (each rank's tensor, then each shard's sum over ranks): with block_size={block} "

@@ -34,7 +34,7 @@ import torch
 from lightning_compress.adaptive import compressor_at
 from lightning_compress.compressors import Compressor
 from lightning_compress.compressors.base import WIRE_ALIGN
-from lightning_compress.config import DENSITY_COMPRESSORS, CompressionConfig, coarse_two_pass_hint
+from lightning_compress.config import BLOCK_COMPRESSORS, DENSITY_COMPRESSORS, CompressionConfig, coarse_two_pass_hint
 from lightning_compress.nodes import expected_sent, node_layout
 from lightning_compress.transport import shard_bounds
 
@@ -163,8 +163,6 @@ def _transport(config: CompressionConfig, world_size: int, adaptive: bool = Fals
     return pick(world_size, adaptive=adaptive) if pick is not None else config.transport_resolved
 
 
-#: DoubleSqueeze compresses the aggregate too: what the start line tells its users about the learning rate.
-
 # ----- the two lines ------------------------------------------------------------------------------
 def settings_text(config: CompressionConfig, transport: str | None = None) -> str:
     """The settings that matter for this compressor, e.g. ``topk(density=0.01)/ef21 via allgather``."""
@@ -173,7 +171,7 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
         details.append(f"density={config.density:g}")
     if config.compressor == "qsgd":
         details.append(f"bits={config.bits}")
-    if config.compressor in ("sign", "qsgd", "terngrad"):
+    if config.compressor in BLOCK_COMPRESSORS:
         details.append(f"block_size={config.block_size_resolved}")
     if config.compressor == "powersgd":
         details.append(f"rank={config.powersgd_rank}")
