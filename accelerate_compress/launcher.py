@@ -51,7 +51,7 @@ _FIELD_HELP: dict[str, str] = {
     "transport": "auto, allreduce, allgather or two_pass",
     "warmup_steps": "optimizer steps exchanged densely before compression starts (>= 0)",
     "density_warmup_steps": "steps after warmup_steps in which topk/dgc/randk keep 25%, then 4x fewer per stage, "
-    "down to density (0: off)",
+    "down to density (0: off; 'none': 100 for topk and dgc below 25%)",
     "min_numel": "tensors with fewer elements (and all 1-D tensors) are exchanged densely",
     "block_size": "elements per scale of sign/qsgd/terngrad; larger compresses more; 'none': 1024, 256 with doublesqueeze",
     "seed": "base seed of every random choice (rand-k indices, stochastic rounding)",

@@ -74,7 +74,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         feedback: FeedbackName = "ef",
         transport: TransportName = "auto",
         warmup_steps: int = 0,
-        density_warmup_steps: int = 0,
+        density_warmup_steps: Optional[int] = None,
         min_numel: int = 1024,
         block_size: Optional[int] = None,
         seed: int = 0,

@@ -179,8 +179,8 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
     extra = [f"min_numel={config.min_numel}", f"momentum={config.momentum}"]
     if config.warmup_steps:
         extra.append(f"warmup_steps={config.warmup_steps}")
-    if config.density_warmup_steps:
-        extra.append(f"density_warmup_steps={config.density_warmup_steps}")
+    if config.density_warmup_steps_resolved:
+        extra.append(f"density_warmup_steps={config.density_warmup_steps_resolved}")
     return f"{comp}/{config.feedback} via {transport or config.transport_resolved} ({', '.join(extra)})"
 
 
@@ -202,6 +202,8 @@ def start_line(
         gravac_theta_min: with GraVAC, the factor it starts at (the estimate counts that one).
         transport: the transport that runs (default: the one ``config`` picks on ``world_size`` ranks).
     """
+    if gravac_theta_min is not None and config.density_warmup_steps is None:
+        config = config.replace(density_warmup_steps=0)  # GraVAC picks the density itself (state.attach_adaptive)
     comp = compressor_at(config, gravac_theta_min) if gravac_theta_min is not None else None
     transport = transport or _transport(config, world_size, adaptive=gravac_theta_min is not None)
     rows = expected_bytes(config, params, world_size, comp, transport)
@@ -223,9 +225,9 @@ def start_line(
     if config.warmup_steps:
         line += f"; the first {config.warmup_steps} steps are dense"
     start = config.density_at(config.warmup_steps)
-    if config.density_warmup_steps and start != config.density:
+    if start != config.density:
         line += (f"; density warm-up: {config.compressor} keeps {start:g} at first, down to {config.density:g} after "
-                 f"{config.density_warmup_steps} compressed steps (more bytes then than estimated here)")  # fmt: skip
+                 f"{config.density_warmup_steps_resolved} compressed steps (more bytes then than estimated here)")  # fmt: skip
     if gravac_theta_min is not None:
         line += f"; GraVAC picks the compression factor, starting at CF {gravac_theta_min:g}"
     hint = coarse_two_pass_hint(config, transport)

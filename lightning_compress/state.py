@@ -163,6 +163,8 @@ class CompressionState(StateCheckpointing):
             run.controller.load_state_dict(self._adaptive_saved)
             self._adaptive_saved = None
         self.adaptive = run
+        if self.config.density_warmup_steps is None and self.config.density_warmup_steps_resolved:
+            self._set_config(self.config.replace(density_warmup_steps=0))  # GraVAC picks the density itself
 
     def attach_momentum(self, momentum: Any) -> None:
         """Carry ``momentum`` (an :class:`~lightning_compress.momentum.ExchangeMomentum`) in this exchange.
@@ -193,8 +195,15 @@ class CompressionState(StateCheckpointing):
 
     def _follow_density_schedule(self) -> None:
         """Rebuild the compressor where the density warm-up changes the density at this step."""
-        if self.config.density_warmup_steps and self.compressor.density != self.config.density_at(self.step):
+        if self.config.density_warmup_steps_resolved and self.compressor.density != self.config.density_at(self.step):
             self._make_compressor()
+
+    def keep_warmup(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """``changes`` of ``density``, with the density warm-up's length that the config resolves to now
+        where it is the default: a new density changes the schedule's target, not whether there is one."""
+        if "density" in changes and self.config.density_warmup_steps is None:
+            return {**changes, "density_warmup_steps": self.config.density_warmup_steps_resolved}
+        return changes
 
     def request_update(self, **changes: Any) -> None:
         """Change ``density`` and/or ``bits`` from the next step on (validated now).
@@ -296,7 +305,7 @@ class CompressionState(StateCheckpointing):
         self._reset_step_counters()
         self.step += 1
         if self._pending:
-            self._set_config(self.config.replace(**self._pending))
+            self._set_config(self.config.replace(**self.keep_warmup(self._pending)))
             self._pending = {}
         self._follow_density_schedule()
 

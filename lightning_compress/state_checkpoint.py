@@ -183,7 +183,7 @@ class StateCheckpointing:
         pending = dict(state.get("pending") or {}) if restore else {}
         if pending:
             self.config.replace(**{**changes, **pending})  # validate now, not at the next step
-        return self.config.replace(**changes), pending, adjusted if restore else set()
+        return self.config.replace(**self.keep_warmup(changes)), pending, adjusted if restore else set()
 
     def _fit(self, name: str, tensors: dict[str, torch.Tensor], shapes: Mapping[str, Any], fmt: int,
              numel: int | None = None) -> str | None:  # fmt: skip

@@ -56,7 +56,7 @@ class _CompressedDDPMixin(_CompressionCore):
         feedback: FeedbackName = "ef",
         transport: TransportName = "auto",
         warmup_steps: int = 0,
-        density_warmup_steps: int = 0,
+        density_warmup_steps: Optional[int] = None,
         min_numel: int = 1024,
         block_size: Optional[int] = None,
         seed: int = 0,

@@ -233,7 +233,18 @@ def test_density_warmup_schedule_and_its_rules() -> None:
     ]  # fmt: skip (the dense steps before it keep `density`: their compressor is not used)
     assert CompressionConfig(compressor="dgc", density=0.5, density_warmup_steps=9).density_at(0) == 0.5
     assert CompressionConfig(compressor="randk", density=0.1, feedback="diana", density_warmup_steps=2).density_at(1) == 0.25
-    assert CompressionConfig(compressor="topk", density=0.01).density_at(0) == 0.01  # off by default
+    # By default 100 steps for topk and dgc below 25%; off for randk, for densities from 25% and when set to 0.
+    for compressor in ("topk", "dgc"):
+        default = CompressionConfig(compressor=compressor, density=0.01)
+        assert default.density_warmup_steps is None and default.density_warmup_steps_resolved == 100
+        assert [default.density_at(s) for s in (0, 33, 34, 66, 67, 99, 100)] == [
+            0.25, 0.25, 0.0625, 0.0625, 0.015625, 0.015625, 0.01,
+        ]  # fmt: skip
+    assert CompressionConfig(compressor="topk", density=0.01, density_warmup_steps=0).density_at(0) == 0.01
+    assert CompressionConfig(compressor="topk", density=0.25).density_warmup_steps_resolved == 0
+    assert CompressionConfig(compressor="randk", density=0.01, feedback="diana").density_at(0) == 0.01
+    assert CompressionConfig(compressor="sign").density_warmup_steps_resolved == 0
+    assert CompressionConfig.from_string("compressor=topk,density_warmup_steps=none").density_warmup_steps is None
     assert CompressionConfig.from_string("compressor=topk,density_warmup_steps=69").density_warmup_steps == 69
     with pytest.raises(ValueError, match="`density_warmup_steps` must be >= 0"):
         CompressionConfig(compressor="topk", density_warmup_steps=-1)
@@ -250,3 +261,19 @@ def test_gravac_refuses_a_density_warmup() -> None:
     with pytest.raises(ValueError, match="density warm-up"):
         attach_gravac(state)
     assert state.adaptive is None
+    # The default warm-up (unset) gives way to GraVAC, which picks the density from the first step.
+    state = CompressionState(CompressionConfig(compressor="topk", density=0.01), {})
+    assert state.compressor.density == 0.25
+    attach_gravac(state)
+    assert state.config.density_warmup_steps_resolved == 0 and state.compressor.density == 0.01
+
+
+def test_a_new_density_keeps_the_length_of_the_default_warmup() -> None:
+    from lightning_compress import CompressionState
+
+    # request_update changes the default warm-up's target, not its length (100 from 1%, none from 25%).
+    for start, length, now in ((0.01, 100, 0.25), (0.25, 0, 0.05)):
+        state = CompressionState(CompressionConfig(compressor="topk", density=start), {})
+        state.request_update(density=0.05)
+        state.finish_step()
+        assert state.config.density_warmup_steps_resolved == length and state.compressor.density == now

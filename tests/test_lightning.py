@@ -228,7 +228,8 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
 RESUME_CASES = {
     "ddp_baseline": None,
     "sign+doublesqueeze": dict(compressor="sign", feedback="doublesqueeze"),
-    "topk+ef21": dict(compressor="topk", density=0.1, feedback="ef21"),
+    # at its density from the first step; resuming inside the density warm-up is the last case
+    "topk+ef21": dict(compressor="topk", density=0.1, feedback="ef21", density_warmup_steps=0),
     "randk+diana": dict(compressor="randk", density=0.1, feedback="diana"),
     "powersgd+ef": dict(compressor="powersgd", powersgd_rank=2),
     # resumed at step 4, where the density warm-up moves from 0.25 to 0.0625 (0.02 from step 8)

@@ -348,9 +348,9 @@ def test_density_and_bits_come_from_the_checkpoint_only_when_a_controller_set_th
         state.load_state_dict(_saved(CompressionConfig(compressor="topk", **BASE)))
     assert state.config.density == 0.9
     # The same compressor, density changed by the user at resume: the user's value runs, with a warning.
-    state = _state(CompressionConfig(compressor="topk", density=0.2, **BASE))
+    state = _state(CompressionConfig(compressor="topk", density=0.2, density_warmup_steps=0, **BASE))
     with pytest.warns(UserWarning, match=r"`density=0.2` as configured; the checkpoint was saved with `density=0.1`"):
-        state.load_state_dict(_saved(CompressionConfig(compressor="topk", density=0.1, **BASE)))
+        state.load_state_dict(_saved(CompressionConfig(compressor="topk", density=0.1, density_warmup_steps=0, **BASE)))
     assert state.config.density == 0.2 and state.compressor.density == 0.2
     # A controller changed it (request_update): the checkpoint's value comes back, with a warning naming both.
     controlled = _state(CompressionConfig(compressor="topk", density=0.1, **BASE))

@@ -524,7 +524,7 @@ def test_accelerate_lines_and_metrics_through_accelerator_log(tmp_path):
            str(lines)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    settings = re.escape("topk(density=0.1)/ef via allgather (min_numel=1024, momentum=auto)")
+    settings = re.escape("topk(density=0.1)/ef via allgather (min_numel=1024, momentum=auto, density_warmup_steps=100)")
     err = proc.stderr.splitlines()
     starts = [m for m in (re.match(START.format(tool="accelerate-compress", settings=settings), x) for x in err) if m]
     ends = [m for m in (re.match(END.format(tool="accelerate-compress", settings=settings), x) for x in err) if m]
