@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from _machine import cpu_model, free_port  # noqa: E402
-from _models import make_model, random_batches  # noqa: E402
+from _models import make_model, random_batches, steady_state  # noqa: E402
 
 DEFAULT_CONFIGS = (
     "compressor=sign,feedback=ef",
@@ -95,7 +95,7 @@ def run_config(model_name: str, cfg: str, args, rank: int, meter: CpuMeter) -> d
     model = make_model(model_name, args.quick)
     numel = sum(p.numel() for p in model.parameters())
     ddp = DistributedDataParallel(model)
-    state = register_compression(ddp, cfg)
+    state = register_compression(ddp, steady_state(cfg))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     batches = random_batches(model, args.batch, rank)
     cpu, encode, decode = [], [], []

@@ -65,7 +65,7 @@ POWERSGD_START_ITER = 2
 
 
 # ----- the communication-bound workloads ------------------------------------------------------------------
-from _models import make_model, random_batches  # noqa: E402
+from _models import make_model, random_batches, steady_state  # noqa: E402
 
 
 # ----- hooks ----------------------------------------------------------------------------------------------
@@ -206,7 +206,8 @@ def step_mode(args, cfg: str, rank: int, world: int) -> dict:
         net, kind, state, run = model, "floor", None, None
     else:
         net = DistributedDataParallel(model, gradient_as_bucket_view=args.bucket_view)
-        kind, state, run = install(net, cfg, args.gravac, float(world * args.batch))
+        ours = "=" in cfg and not cfg.startswith(GRAVAC_PREFIX)  # timed steps: the steady state, no density warm-up
+        kind, state, run = install(net, steady_state(cfg) if ours else cfg, args.gravac, float(world * args.batch))
         if kind == "torch":
             count_allreduce_bytes()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)

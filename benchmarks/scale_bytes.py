@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from _machine import cpu_model, free_port  # noqa: E402
-from _models import random_batches  # noqa: E402
+from _models import random_batches, steady_state  # noqa: E402
 
 DEFAULT_CONFIGS = (
     "dense",
@@ -103,7 +103,7 @@ def worker(rank: int, world: int, port: int, configs: list[str], steps: int, out
             if cfg == "dense":  # PyTorch's own allreduce hook: DDP's built-in average, through dist.all_reduce
                 ddp.register_comm_hook(None, default_hooks.allreduce_hook)
             else:
-                state = register_compression(ddp, CompressionConfig.from_string(cfg))
+                state = register_compression(ddp, CompressionConfig.from_string(steady_state(cfg)))
             opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
             batches = random_batches(model, 8, rank, count=2)
             sent, own = [], []

@@ -54,7 +54,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import _scale_model as sm  # noqa: E402
 
 from _machine import cpu_model, free_port  # noqa: E402
-from _models import random_batches  # noqa: E402
+from _models import random_batches, steady_state  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WIDTHS = (1024, 2048, 1024, 2048)  # scale_bytes.py's MLP
@@ -401,7 +401,7 @@ def _run(rank: int, world: int, job: dict) -> dict:
         if cfg == "dense":  # PyTorch's allreduce hook: DDP's own average, through dist.all_reduce
             net.register_comm_hook(None, default_hooks.allreduce_hook)
         else:
-            state = register_compression(net, CompressionConfig.from_string(cfg))
+            state = register_compression(net, CompressionConfig.from_string(steady_state(cfg)))
             for name, fn in log.originals.items():  # modules imported by the registration
                 _rebind(originals.get(name), fn)
         params = net.parameters()
