@@ -80,7 +80,5 @@ def steady_state(config: str) -> str:
     from lightning_compress import CompressionConfig
 
     cfg = CompressionConfig.from_string(config)
-    if cfg.density_warmup_steps is None and cfg.density_warmup_steps_resolved:
-        return f"{config},density_warmup_steps=0"
-    return config
+    return config if cfg.without_default_density_warmup() is cfg else f"{config},density_warmup_steps=0"
 

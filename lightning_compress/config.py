@@ -24,6 +24,7 @@ DENSITY_COMPRESSORS = ("topk", "dgc", "randk")
 _BLOCK_SIZE = 1024  # elements per scale of sign/qsgd/terngrad unless `block_size` says otherwise
 _DOUBLESQUEEZE_BLOCK_SIZE = 256  # ... and with DoubleSqueeze (see CompressionConfig.block_size_resolved)
 _DENSITY_WARMUP_STEPS = 100  # DGC's warm-up of topk/dgc unless `density_warmup_steps` says otherwise
+_DENSITY_WARMUP_BY_DEFAULT = ("topk", "dgc")  # randk's warm-up (with DIANA) was not measured
 #: The compressors with one fp32 scale per ``block_size`` elements.
 BLOCK_COMPRESSORS = ("sign", "qsgd", "terngrad")
 _WARMUP_DENSITY = 0.25  # where DGC's warm-up starts (75% sparsity), falling 4x per stage
@@ -254,20 +255,26 @@ class CompressionConfig:
         ``topk`` and ``dgc`` below 25% density and 0 for everything else (``randk`` included: its
         unbiased estimates with DIANA were not measured with a warm-up).
 
-        Without it, top-k 1% + ``ef`` trailed dense accuracy on the digits MLP by 1.4 (SGD +
-        momentum) and 5.6 points (AdamW) from epoch 5 on, with 100 steps by 0.7 and 1.4 (8 seeds,
-        ``benchmarks/results/convergence_density_warmup_mlp.md``); the warm-up's 100 steps send
-        about as many bytes as 1100 steps at 1% would. GraVAC, which picks the density itself,
-        runs without it.
+        Without it, top-k 1% + ``ef`` trailed dense accuracy on the digits MLP by up to 1.4 (SGD +
+        momentum) and 5.7 points (AdamW) from epoch 5 on (8 seeds), with 100 steps by 0.9 and 0.6
+        (16 seeds, ``benchmarks/results/convergence_density_warmup100_mlp.md``); the warm-up's
+        100 steps send about as many bytes as 1100 steps at 1% would. GraVAC, which picks the
+        density itself, runs without it (:meth:`without_default_density_warmup`).
 
         >>> CompressionConfig(compressor="topk").density_warmup_steps_resolved, CompressionConfig().density_warmup_steps_resolved
         (100, 0)
         """
         if self.density_warmup_steps is not None:
             return self.density_warmup_steps
-        if self.compressor in ("topk", "dgc") and self.density < _WARMUP_DENSITY:
+        if self.compressor in _DENSITY_WARMUP_BY_DEFAULT and self.density < _WARMUP_DENSITY:
             return _DENSITY_WARMUP_STEPS
         return 0
+
+    def without_default_density_warmup(self) -> "CompressionConfig":
+        """This config with ``density_warmup_steps=0`` where the warm-up is on only by default (else itself)."""
+        if self.density_warmup_steps is None and self.density_warmup_steps_resolved:
+            return self.replace(density_warmup_steps=0)
+        return self
 
     @property
     def transport_resolved(self) -> str:

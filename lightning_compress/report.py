@@ -202,8 +202,8 @@ def start_line(
         gravac_theta_min: with GraVAC, the factor it starts at (the estimate counts that one).
         transport: the transport that runs (default: the one ``config`` picks on ``world_size`` ranks).
     """
-    if gravac_theta_min is not None and config.density_warmup_steps is None:
-        config = config.replace(density_warmup_steps=0)  # GraVAC picks the density itself (state.attach_adaptive)
+    if gravac_theta_min is not None:
+        config = config.without_default_density_warmup()  # GraVAC picks the density itself (state.attach_adaptive)
     comp = compressor_at(config, gravac_theta_min) if gravac_theta_min is not None else None
     transport = transport or _transport(config, world_size, adaptive=gravac_theta_min is not None)
     rows = expected_bytes(config, params, world_size, comp, transport)

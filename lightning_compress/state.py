@@ -163,8 +163,9 @@ class CompressionState(StateCheckpointing):
             run.controller.load_state_dict(self._adaptive_saved)
             self._adaptive_saved = None
         self.adaptive = run
-        if self.config.density_warmup_steps is None and self.config.density_warmup_steps_resolved:
-            self._set_config(self.config.replace(density_warmup_steps=0))  # GraVAC picks the density itself
+        config = self.config.without_default_density_warmup()  # GraVAC picks the density itself
+        if config is not self.config:
+            self._set_config(config)
 
     def attach_momentum(self, momentum: Any) -> None:
         """Carry ``momentum`` (an :class:`~lightning_compress.momentum.ExchangeMomentum`) in this exchange.
