@@ -97,6 +97,18 @@ def test_lightning_prints_start_and_end_lines_on_rank_0(tmp_path, report_lines):
     assert lines.index(starts[0].string) < lines.index(ends[0].string)
 
 
+def test_start_line_names_the_default_density_warmup_except_under_gravac():
+    params = [("w", (64, 64), 4), ("b", (64,), 4)]
+    topk = CompressionConfig(compressor="topk", density=0.01)
+    line = report.start_line("lightning-compress", topk, params, 2)
+    assert "topk(density=0.01)/ef via allgather (min_numel=1024, momentum=auto, density_warmup_steps=100)" in line
+    assert "density warm-up: topk keeps 0.25 at first, down to 0.01 after 100 compressed steps" in line
+    gravac = report.start_line("lightning-compress", topk, params, 2, gravac_theta_min=10.0)
+    assert "density_warmup_steps" not in gravac and "density warm-up" not in gravac and "GraVAC picks" in gravac
+    off = report.start_line("lightning-compress", topk.replace(density_warmup_steps=0), params, 2)
+    assert "density_warmup_steps" not in off and "density warm-up" not in off
+
+
 def test_start_line_tells_users_of_two_compressions_about_coarse_blocks():
     params = [("w", (64, 64), 4), ("b", (64,), 4)]
     coarse = CompressionConfig(feedback="doublesqueeze", block_size=1024)
@@ -520,11 +532,11 @@ def test_accelerate_lines_and_metrics_through_accelerator_log(tmp_path):
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
                PYTHONPATH=str(ROOT))  # fmt: skip
     cmd = [sys.executable, "-m", "accelerate_compress.launcher", "launch", "--cpu", "--num_processes", "2",
-           "--main_process_port", env["MASTER_PORT"], "--compressor", "topk", "--density", "0.1", str(script),
-           str(lines)]  # fmt: skip
+           "--main_process_port", env["MASTER_PORT"], "--compressor", "topk", "--density", "0.1",
+           "--density_warmup_steps", "0", str(script), str(lines)]  # fmt: skip (0: all 4 steps at 10%)
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    settings = re.escape("topk(density=0.1)/ef via allgather (min_numel=1024, momentum=auto, density_warmup_steps=100)")
+    settings = re.escape("topk(density=0.1)/ef via allgather (min_numel=1024, momentum=auto)")
     err = proc.stderr.splitlines()
     starts = [m for m in (re.match(START.format(tool="accelerate-compress", settings=settings), x) for x in err) if m]
     ends = [m for m in (re.match(END.format(tool="accelerate-compress", settings=settings), x) for x in err) if m]
