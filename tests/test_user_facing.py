@@ -430,6 +430,10 @@ def test_launcher_has_an_option_for_every_field():
     # 'none' means the default block size, which DoubleSqueeze makes finer
     ds = plan(["--feedback", "doublesqueeze", "--block_size", "none", "train.py"], environ={})["config"]
     assert ds.block_size is None and ds.block_size_resolved == 256
+    # ... and the default density warm-up: 100 steps for top-k at 1%, or off with 0
+    for value, steps in (("none", 100), ("0", 0), ("40", 40)):
+        topk = plan(["--compressor", "topk", "--density_warmup_steps", value, "train.py"], environ={})["config"]
+        assert topk.density_warmup_steps_resolved == steps
 
 
 def test_compression_monitor_is_exported():
