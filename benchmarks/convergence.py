@@ -9,11 +9,15 @@ over seeds.
 
     python benchmarks/convergence.py [--tasks mlp,cnn] [--optimizers sgd,adamw] [--seeds 0,1,2]
                                      [--epochs 20] [--configs "compressor=sign,feedback=ef;..."]
-                                     [--out benchmarks/results/convergence]
+                                     [--schedule constant|cosine] [--out benchmarks/results/convergence]
 
 Writes ``<out>.md`` (tables at epochs 2, 5, 10 and 20, and the largest shortfall against dense
 from epoch 5 on), ``<out>.json`` and, with matplotlib, ``<out>.png`` (accuracy against epochs
-and against bytes sent).
+and against bytes sent). ``--schedule cosine`` decays the learning rate to 0 over the run
+(``CosineAnnealingLR`` stepped every step) for dense and compressed alike. ``--dense-from
+other.json`` adds a column with the gap to dense as that run trained it (the same task and
+optimizer, at that run's learning rate): how far a configuration at another learning rate is
+from dense at the user's.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ def make_cnn(seed: int) -> nn.Module:
 TASKS = {"mlp": lambda seed: make_mlp(256, seed), "cnn": make_cnn}
 
 
-def train(task: str, opt_name: str, label: str, seed: int, epochs: int, rank: int, world: int, data) -> dict:
+def train(task: str, opt_name: str, label: str, seed: int, epochs: int, rank: int, world: int, data,
+          schedule: str = "constant") -> dict:  # fmt: skip
     from lightning_compress import attach_optimizer, register_compression
 
     train_set, test_set = data
@@ -96,12 +101,17 @@ def train(task: str, opt_name: str, label: str, seed: int, epochs: int, rank: in
     half = Subset(train_set, range(rank, len(train_set), world))  # a fixed half per rank
     loader = DataLoader(half, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed * 100 + rank))
     dense_bytes = 4.0 * sum(p.numel() for p in model.parameters()) * 2.0 * (world - 1) / world  # ring, per step
+    scheduler = None
+    if schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
     acc, sent, steps = [], [], 0
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(ddp(x), y).backward()
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             steps += 1
         acc.append(accuracy(model, test_set))
         sent.append(state.stats.sent_bytes_total if state is not None else dense_bytes * steps)
@@ -128,7 +138,8 @@ def worker(rank: int, world: int, port: int, args, out_json: str) -> None:
             for opt_name in args.optimizers:
                 for label in [DENSE, *args.configs]:
                     for seed in args.seeds:
-                        runs.append(train(task, opt_name, label, seed, args.epochs, rank, world, data[seed]))
+                        run = train(task, opt_name, label, seed, args.epochs, rank, world, data[seed], args.schedule)
+                        runs.append(run)
                         if rank == 0:
                             r = runs[-1]
                             print(f"  {task} {opt_name} {label} seed {seed}: "
@@ -161,21 +172,36 @@ def report(runs: list[dict], args) -> str:
         "2 gloo ranks, 1 thread each.",
         f"Command: `python benchmarks/convergence.py {_training_command()}`".rstrip(),
         "",
-        f"Digits, each rank a fixed half of the training set, batch 32 per rank, {args.epochs} epochs; mean over "
+        f"Digits, each rank a fixed half of the training set, batch 32 per rank, {args.epochs} epochs"
+        + (", learning rate decayed to 0 by a cosine schedule over the run" if args.schedule == "cosine" else "")
+        + "; mean over "
         f"seeds {', '.join(map(str, args.seeds))} (min-max in brackets). The optimizer's momentum goes where "
         "`momentum=auto` puts it: into the exchange with the look-ahead, for SGD with momentum and for AdamW "
         "(`lightning_compress/momentum.py`). *Gap* is the largest shortfall of the mean "
         "against dense at any epoch from 5 on (goal: at most 1 point on digits' MLP, 2 on the CNN).",
     ]
+    other: dict[tuple, list[dict]] = {}
+    if args.dense_from:
+        for r in json.loads(Path(args.dense_from).read_text()):
+            if r["config"] == DENSE:
+                other.setdefault((r["task"], r["optimizer"].partition("@")[0]), []).append(r)
+        lines += [
+            "",
+            f"*Gap to {Path(args.dense_from).stem}* compares with dense of that run, {args.dense_from}: the same "
+            "task and optimizer at that run's learning rate.",
+        ]
     for task in args.tasks:
         for opt_name in args.optimizers:
             dense = groups.get((task, opt_name, DENSE))
             if not dense:
                 continue
             dense_mean = mean_curve(dense, "acc")
+            ref = other.get((task, opt_name.partition("@")[0]))
+            ref_mean = mean_curve(ref, "acc") if ref else None
+            extra = f" gap to {Path(args.dense_from).stem} |" if ref_mean else ""
             lines += ["", f"## {task}, {optimizer_spec(opt_name)[0]}", "",
-                      "| config | " + " | ".join(f"epoch {e}" for e in shown) + " | gap | MB sent per rank |",
-                      "|---|" + "---:|" * (len(shown) + 2)]  # fmt: skip
+                      "| config | " + " | ".join(f"epoch {e}" for e in shown) + " | gap |" + extra + " MB sent per rank |",
+                      "|---|" + "---:|" * (len(shown) + 2 + bool(ref_mean))]  # fmt: skip
             for label in [DENSE, *args.configs]:
                 runs_ = groups.get((task, opt_name, label))
                 if not runs_:
@@ -187,8 +213,13 @@ def report(runs: list[dict], args) -> str:
                 m = mean_curve(runs_, "acc")
                 late = list(zip(dense_mean, m))[4:]
                 gap = max((100 * (d - a) for d, a in late), default=float("nan")) if label != DENSE else 0.0
+                if ref_mean:
+                    to_ref = max(100 * (d - a) for d, a in list(zip(ref_mean, m))[4:])
+                    cells.append(f"{gap:+.1f} | {to_ref:+.1f}")
+                else:
+                    cells.append(f"{gap:+.1f}")
                 mb = statistics.fmean(r["sent"][-1] for r in runs_) / 1e6
-                lines.append(f"| `{label}` | " + " | ".join(cells) + f" | {gap:+.1f} | {mb:.1f} |")
+                lines.append(f"| `{label}` | " + " | ".join(cells) + f" | {mb:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,6 +262,9 @@ def main(argv=None) -> None:
     p.add_argument("--configs", default=";".join(RECOMMENDED))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="the learning rate: constant, or decayed to 0 by a per-step cosine")  # fmt: skip
+    p.add_argument("--dense-from", default=None, help="another run's .json: also give the gap to its dense runs")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "convergence"))
     p.add_argument("--from-json", action="store_true", help="rewrite the report from <out>.json, without training")
     args = p.parse_args(argv)

@@ -49,3 +49,26 @@ def _worker(rank, world, optimizer):
 @pytest.mark.parametrize("optimizer", sorted(RECOMMENDED))
 def test_recommended_configurations_within_two_points_of_dense_after_five_epochs(optimizer):
     run_distributed(_worker, optimizer)
+
+
+def test_report_gives_the_gap_to_dense_of_another_run(tmp_path):
+    """``--dense-from``: a configuration at another learning rate is compared with dense at the user's."""
+    import argparse
+    import json
+
+    sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
+    import convergence as bench
+
+    def run(optimizer, config, acc):
+        return {"task": "mlp", "optimizer": optimizer, "config": config, "seed": 0, "acc": acc, "sent": [1e6] * len(acc)}
+
+    flat = [0.9] * 6
+    other = tmp_path / "usual_lr.json"
+    other.write_text(json.dumps([run("sgd", bench.DENSE, [0.9] * 4 + [0.95, 0.96])]))
+    runs = [run("sgd@0.08", bench.DENSE, flat), run("sgd@0.08", "compressor=sign", [0.9] * 4 + [0.93, 0.95])]
+    args = argparse.Namespace(tasks=["mlp"], optimizers=["sgd@0.08"], configs=["compressor=sign"], seeds=[0],
+                              epochs=6, schedule="constant", dense_from=str(other))  # fmt: skip
+    rows = {line.split(" | ")[0]: line for line in bench.report(runs, args).splitlines() if line.startswith("| `")}
+    # against dense at lr 0.08 (flat at 90%) it is ahead; against dense at the usual lr 2 points behind (epoch 5)
+    assert "| -3.0 | +2.0 |" in rows["| `compressor=sign`"]
+    assert "| +0.0 | +6.0 |" in rows["| `dense`"]
