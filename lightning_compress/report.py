@@ -34,7 +34,13 @@ import torch
 from lightning_compress.adaptive import compressor_at
 from lightning_compress.compressors import Compressor
 from lightning_compress.compressors.base import WIRE_ALIGN
-from lightning_compress.config import BLOCK_COMPRESSORS, DENSITY_COMPRESSORS, CompressionConfig, coarse_two_pass_hint
+from lightning_compress.config import (
+    BLOCK_COMPRESSORS,
+    DENSITY_COMPRESSORS,
+    CompressionConfig,
+    coarse_two_pass_hint,
+    sparse_ef21_hint,
+)
 from lightning_compress.nodes import expected_sent, node_layout
 from lightning_compress.transport import shard_bounds
 
@@ -230,9 +236,12 @@ def start_line(
                  f"{config.density_warmup_steps_resolved} compressed steps (more bytes then than estimated here)")  # fmt: skip
     if gravac_theta_min is not None:
         line += f"; GraVAC picks the compression factor, starting at CF {gravac_theta_min:g}"
-    hint = coarse_two_pass_hint(config, transport)
-    if hint is not None:
-        line += f"; {hint}"
+    hints = [coarse_two_pass_hint(config, transport)]
+    if gravac_theta_min is None:  # under GraVAC the density is GraVAC's, not the config's
+        hints.append(sparse_ef21_hint(config))
+    for hint in hints:
+        if hint is not None:
+            line += f"; {hint}"
     return line
 
 

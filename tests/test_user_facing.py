@@ -36,7 +36,13 @@ from lightning_compress import CompressionConfig, CompressionMonitor, Compressio
 from lightning_compress.adaptive import attach_gravac, compressor_at  # noqa: E402
 from lightning_compress.callbacks import GRAVAC_STRATEGY_HINT  # noqa: E402
 from lightning_compress.compressors import COMPRESSORS  # noqa: E402
-from lightning_compress.config import FEEDBACKS, MOMENTUM_MODES, TRANSPORTS, coarse_two_pass_hint  # noqa: E402
+from lightning_compress.config import (  # noqa: E402
+    FEEDBACKS,
+    MOMENTUM_MODES,
+    TRANSPORTS,
+    coarse_two_pass_hint,
+    sparse_ef21_hint,
+)
 from lightning_compress.fabric import CompressedDDPStrategy as FabricStrategy  # noqa: E402
 from lightning_compress.strategy import CompressedDDPStrategy  # noqa: E402
 from tests._dist import free_port  # noqa: E402
@@ -121,6 +127,19 @@ def test_start_line_tells_users_of_two_compressions_about_coarse_blocks():
     assert "set block_size=256" in report.start_line("lightning-compress", CompressionConfig(), params, 4)
     assert "set block_size=256" not in report.start_line("lightning-compress", CompressionConfig(), params, 2)
     assert coarse_two_pass_hint(CompressionConfig(compressor="topk", feedback="doublesqueeze"), "two_pass") is None
+
+
+def test_start_line_tells_users_of_sparse_ef21_about_its_lag():
+    params = [("w", (64, 64), 4), ("b", (64,), 4)]
+    sparse = CompressionConfig(compressor="topk", density=0.01, feedback="ef21")
+    line = report.start_line("lightning-compress", sparse, params, 2)
+    assert line.endswith("; " + sparse_ef21_hint(sparse)) and "feedback=ef stayed within 1 point" in line
+    assert sparse_ef21_hint(sparse.replace(compressor="dgc")) is not None
+    # ef, a denser top-k, a non-sparsifying compressor, and GraVAC (which picks the density itself): no hint
+    for quiet in (sparse.replace(feedback="ef"), sparse.replace(density=0.1), CompressionConfig(feedback="ef21")):
+        assert sparse_ef21_hint(quiet) is None
+        assert "EF21 holds" not in report.start_line("lightning-compress", quiet, params, 2)
+    assert "EF21 holds" not in report.start_line("lightning-compress", sparse, params, 2, gravac_theta_min=10.0)
 
 
 def _fabric_train(fabric, steps: int, root: str):
