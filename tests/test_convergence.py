@@ -25,6 +25,11 @@ RECOMMENDED = {
     "sgd": ("compressor=sign,feedback=ef", "compressor=topk,density=0.01,feedback=ef", "compressor=sign,feedback=doublesqueeze"),
     "adamw": ("compressor=sign,feedback=ef", "compressor=sign,feedback=doublesqueeze", "compressor=topk,density=0.01,feedback=ef"),
 }
+# top-k 1% + ef21 trails dense at the same learning rate (4 points after 5 epochs with SGD on these
+# seeds); the README's advice, 1.6x (SGD) and 1.5x (AdamW) the rate, must keep it within 2 points of
+# dense at the usual rate
+EF21_LARGER_LR = {"sgd": "sgd@0.08", "adamw": "adamw@0.0015"}
+EF21 = "compressor=topk,density=0.01,feedback=ef21"
 
 
 def _worker(rank, world, optimizer):
@@ -35,15 +40,16 @@ def _worker(rank, world, optimizer):
 
     data = {seed: digits(seed) for seed in SEEDS}
 
-    def mean_acc(label):
+    def mean_acc(label, opt=optimizer):
         return statistics.fmean(
-            bench.train("mlp", optimizer, label, seed, EPOCHS, rank, world, data[seed])["acc"][-1] for seed in SEEDS
+            bench.train("mlp", opt, label, seed, EPOCHS, rank, world, data[seed])["acc"][-1] for seed in SEEDS
         )
 
     dense = mean_acc(bench.DENSE)
-    for label in RECOMMENDED[optimizer]:
-        acc = mean_acc(label)
-        assert acc >= dense - 0.02, f"{optimizer} {label}: {100 * acc:.1f}% after {EPOCHS} epochs, dense {100 * dense:.1f}%"
+    runs = [(optimizer, label) for label in RECOMMENDED[optimizer]] + [(EF21_LARGER_LR[optimizer], EF21)]
+    for opt, label in runs:
+        acc = mean_acc(label, opt)
+        assert acc >= dense - 0.02, f"{opt} {label}: {100 * acc:.1f}% after {EPOCHS} epochs, dense {100 * dense:.1f}%"
 
 
 @pytest.mark.parametrize("optimizer", sorted(RECOMMENDED))
