@@ -155,6 +155,11 @@ def mean_curve(runs: list[dict], key: str) -> list[float]:
     return [statistics.fmean(r[key][e] for r in runs) for e in range(len(runs[0][key]))]
 
 
+def largest_gap(reference: list[float], curve: list[float]) -> float:
+    """The largest shortfall of ``curve`` against ``reference`` from epoch 5 on, in points."""
+    return max((100 * (d - a) for d, a in list(zip(reference, curve))[4:]), default=float("nan"))
+
+
 def _training_command() -> str:
     """This run's arguments, without ``--from-json`` (the command that trains), shell-quoted."""
     return " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--from-json")
@@ -211,13 +216,9 @@ def report(runs: list[dict], args) -> str:
                     vals = [100 * r["acc"][e - 1] for r in runs_]
                     cells.append(f"{statistics.fmean(vals):.1f} ({min(vals):.0f}-{max(vals):.0f})")
                 m = mean_curve(runs_, "acc")
-                late = list(zip(dense_mean, m))[4:]
-                gap = max((100 * (d - a) for d, a in late), default=float("nan")) if label != DENSE else 0.0
+                cells.append(f"{largest_gap(dense_mean, m) if label != DENSE else 0.0:+.1f}")
                 if ref_mean:
-                    to_ref = max(100 * (d - a) for d, a in list(zip(ref_mean, m))[4:])
-                    cells.append(f"{gap:+.1f} | {to_ref:+.1f}")
-                else:
-                    cells.append(f"{gap:+.1f}")
+                    cells.append(f"{largest_gap(ref_mean, m):+.1f}")
                 mb = statistics.fmean(r["sent"][-1] for r in runs_) / 1e6
                 lines.append(f"| `{label}` | " + " | ".join(cells) + f" | {mb:.1f} |")
     return "\n".join(lines) + "\n"
