@@ -47,7 +47,11 @@ Remedies (``--remedy``): where momentum lives relative to the compression.
   exchange carries NAdam's look-ahead ``beta1 m_i + (1 - beta1) x_i``).
 * Warm-ups: ``warmup`` dense steps (the hook's ``warmup_steps``: memory untouched, the remedy's
   momentum still updated), or ``density_warmup`` epochs of DGC's exponentially falling density
-  (25%, 6.25%, 1.5625%, ... never below the target) for top-k.
+  (25%, 6.25%, 1.5625%, ... never below the target) for top-k, or ``density_warmup_steps``: the
+  library's schedule (``CompressionConfig.density_at``, 100 steps by default for top-k).
+* ``econtrol`` (EF21 only): EControl's error feedback on top of EF21 (Gao, Islamov and Stich,
+  ICLR 2024): each rank also keeps ``e_i`` and sends ``c_i = C(x_i - h_i + econtrol * e_i)``, then
+  ``h_i += c_i`` and ``e_i += x_i - h_i - c_i`` (``h_i`` before the update); 0 is plain EF21.
 
 Run ``python benchmarks/momentum_study.py --help`` for the studies; the default runs the main
 table (SGD with momentum and AdamW, every remedy against the four compressed schemes).
@@ -124,12 +128,15 @@ class Run:
     seed: int = 0
     epochs: int = 20
     density_warmup: int = 0  # DGC's warm-up: epochs of exponentially falling density (sparsifiers)
+    density_warmup_steps: int = 0  # the library's density warm-up (CompressionConfig.density_at), in steps
+    econtrol: float = 0.0  # EF21 only: EControl's weight of the accumulated error (0: plain EF21)
 
     @property
     def key(self) -> str:
         fields = asdict(self)
-        if not fields["density_warmup"]:  # keys of runs cached before this field existed
-            del fields["density_warmup"]
+        for name in ("density_warmup", "density_warmup_steps", "econtrol"):
+            if not fields[name]:  # keys of runs cached before these fields existed
+                del fields[name]
         return json.dumps(fields, sort_keys=True)
 
     @property
@@ -148,10 +155,36 @@ def mix(*values: int) -> int:
 
 
 # ----- the exchange of one compressed parameter --------------------------------------------------
+def econtrol_ef21(eta: float):
+    """EF21 with EControl's error feedback (Gao, Islamov and Stich, ICLR 2024), weight ``eta``.
+
+    With ``v = x - h + eta * e`` and ``c = C(v)``: ``h += c`` and ``e += x - h - c``, which is
+    ``e = (1 - eta) * e + (v - c)``.
+    """
+    from lightning_compress.feedback import EF21
+
+    class EControlEF21(EF21):
+        memory_keys = ("local", "global", "error")
+
+        def initial_memory(self, x, average):
+            return {**super().initial_memory(x, average), "error": torch.zeros_like(x)}
+
+        def compress_input(self, x, mem):
+            return x - mem["local"] + eta * mem["error"]
+
+        def compress_args(self, x, mem):
+            return self.compress_input(x, mem), None
+
+        def worker_update(self, v, error, mem):
+            return {"local": mem["local"] + (v - error), "error": (1 - eta) * mem["error"] + error}
+
+    return EControlEF21()
+
+
 class Exchanger:
     """Per-parameter memory of every rank and one compressed exchange, as the hook does it."""
 
-    def __init__(self, index: int, numel: int, scheme: str, ds_mode: str, density_at=None):
+    def __init__(self, index: int, numel: int, scheme: str, ds_mode: str, density_at=None, econtrol: float = 0.0):
         from lightning_compress.config import CompressionConfig
         from lightning_compress.feedback import make_feedback
 
@@ -160,6 +193,9 @@ class Exchanger:
         self.comp = cfg.make_compressor()
         self.fbname = cfg.feedback
         self.fb = make_feedback(cfg.feedback, self.comp, diana_alpha=cfg.diana_alpha)
+        if econtrol:
+            assert cfg.feedback == "ef21", "econtrol applies to EF21 only"
+            self.fb = econtrol_ef21(econtrol)
         self.index, self.numel, self.ds_mode = index, numel, ds_mode
         self.mem = [{k: torch.zeros(numel) for k in self.fb.memory_keys} for _ in range(N)]
         self.shard = -(-numel // N)
@@ -175,11 +211,8 @@ class Exchanger:
     def init_from(self, ins: list[torch.Tensor]) -> torch.Tensor:
         """One dense exchange that sets EF21's / DIANA's memory to the local vectors."""
         total = ins[0] + ins[1]
-        if self.fbname in ("ef21", "diana"):
-            lk, gk = self.fb.memory_keys
-            for r in range(N):
-                self.mem[r][lk] = ins[r].clone()
-                self.mem[r][gk] = total.clone()
+        for r in range(N):
+            self.mem[r].update(self.fb.initial_memory(ins[r], total) or {})
         return total
 
     def exchange(self, ins: list[torch.Tensor], step: int, want_sent: bool = False):
@@ -266,6 +299,11 @@ class Hook:
         self.compressible = {n: p.dim() > 1 and p.numel() >= MIN_NUMEL for n, p in params}
         self.ex = {}
         density_at = None
+        assert not (run.density_warmup and run.density_warmup_steps), "one density warm-up, in epochs or in steps"
+        if run.density_warmup_steps and SCHEMES.get(run.scheme, {}).get("compressor") in ("topk", "dgc", "randk"):
+            from lightning_compress.config import CompressionConfig
+
+            density_at = CompressionConfig(**SCHEMES[run.scheme], density_warmup_steps=run.density_warmup_steps).density_at
         if run.density_warmup and SCHEMES.get(run.scheme, {}).get("compressor") in ("topk", "dgc", "randk"):
             target = SCHEMES[run.scheme]["density"]
 
@@ -277,7 +315,7 @@ class Hook:
         if run.scheme != "dense":
             for i, (n, p) in enumerate(params):
                 if self.compressible[n]:
-                    self.ex[n] = Exchanger(i, p.numel(), run.scheme, run.ds, density_at)
+                    self.ex[n] = Exchanger(i, p.numel(), run.scheme, run.ds, density_at, run.econtrol)
         self.local = {}  # per-rank momentum, per parameter: list of N tensors
         self.shared = {}  # the shared (identical on all ranks) momentum of a parameter
         self.prev = {}  # the previous exchanged momentum (mx)
@@ -534,6 +572,10 @@ def label(run: Run) -> str:
         parts.append(f"warmup={run.warmup}")
     if run.density_warmup:
         parts.append(f"density_warmup={run.density_warmup}")
+    if run.density_warmup_steps:
+        parts.append(f"density_warmup_steps={run.density_warmup_steps}")
+    if run.econtrol:
+        parts.append(f"econtrol={run.econtrol:g}")
     if run.init != "zero":
         parts.append(f"init={run.init}")
     if run.ds != "lib" and "ds" in run.scheme:
@@ -594,7 +636,8 @@ def grid(
             run0 = replace(base, scheme=scheme, **changes)
             if not applicable(run0):
                 continue
-            if skip_non_sparse and run0.density_warmup and SCHEMES[scheme]["compressor"] != "topk":
+            warmed = run0.density_warmup or run0.density_warmup_steps
+            if skip_non_sparse and warmed and SCHEMES[scheme]["compressor"] != "topk":
                 continue
             accs = [cache.get(replace(run0, seed=s), args.verbose)["acc"] for s in seeds_of(args)]
             gap = worst_gap(accs, dense)
@@ -1074,8 +1117,27 @@ def _doublesqueeze_case(name: str, world: int, n: int, block: int, steps: int) -
     )
 
 
+def study_ef21(args, cache):
+    """top-k 1% + EF21 with the library's defaults (look-ahead in the exchange, estimates from the
+    first gradient, 100-step density warm-up), and what was tried against its lag."""
+    out = []
+    for opt, remedy in (("sgd", "dgc"), ("adamw", "mx_b0")):
+        base = Run(opt=opt, epochs=args.epochs, remedy=remedy, nesterov=True, init="first", density_warmup_steps=100)
+        rows = [
+            ("library defaults (density warm-up 100 steps)", {}),
+            *[(f"+ EControl, weight {eta:g}", {"econtrol": eta}) for eta in (0.01, 0.03, 0.1, 0.5)],
+            ("EF21 on the velocity, no look-ahead", {"nesterov": False}),
+            ("density warm-up 200 steps", {"density_warmup_steps": 200}),
+            ("density warm-up 400 steps", {"density_warmup_steps": 400}),
+        ]
+        title = f"top-k 1% + EF21, {'SGD lr 0.05, momentum 0.9' if opt == 'sgd' else 'AdamW lr 1e-3'}"
+        out.append(grid(args, base, rows, ("topk1%+ef21",), cache, title))
+    return out
+
+
 STUDIES = {
     "main": study_main,
+    "ef21": study_ef21,
     "close": study_close,
     "init": study_init,
     "ds": study_ds,
@@ -1105,7 +1167,8 @@ def main(argv=None) -> None:
         "init (EF21/DIANA initialised from the first local vector, with and without warm-up), "
         "ds (DoubleSqueeze: least-squares check of the library's two-pass arithmetic against the "
         "paper, paper vs library on digits, lr sweep), extra (weight decay in the exchange, "
-        "warm-up, longer 1-bit Adam warm-up), equiv (DGC+EF21 vs EF21-SGDM, zero init).\n"
+        "warm-up, longer 1-bit Adam warm-up), equiv (DGC+EF21 vs EF21-SGDM, zero init), "
+        "ef21 (top-k 1% + EF21 with the library's defaults: EControl, the velocity, longer density warm-ups).\n"
         "examples:\n"
         "  python benchmarks/momentum_study.py                      # the main tables (about 9 min on 1 core)\n"
         "  python benchmarks/momentum_study.py --study ds init extra\n"
