@@ -71,14 +71,14 @@ def random_batches(model: nn.Module, batch: int, seed: int, count: int = 4):
             for _ in range(count)]  # fmt: skip
 
 
-def steady_state(config: str) -> str:
-    """``config`` (inline form) with the density warm-up off where it is on only by default.
+def steady_state(config: str):
+    """The :class:`~lightning_compress.CompressionConfig` of ``config`` (inline form), with the
+    density warm-up off where it is on only by default.
 
     The timed and counted steps of these benchmarks measure what a step costs once training runs;
     ``topk``/``dgc``'s default warm-up (100 steps that keep more) would cover all of them.
     """
     from lightning_compress import CompressionConfig
 
-    cfg = CompressionConfig.from_string(config)
-    return config if cfg.without_default_density_warmup() is cfg else f"{config},density_warmup_steps=0"
+    return CompressionConfig.from_string(config).without_default_density_warmup()
 

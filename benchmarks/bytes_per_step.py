@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from _models import steady_state
-from lightning_compress import CompressionConfig, register_compression
+from lightning_compress import register_compression
 
 CONFIGS = [
     "compressor=none,feedback=none",
@@ -52,7 +52,7 @@ def worker(rank: int, world: int, port: int, queue) -> None:
     x = torch.randn(8, 2048, generator=torch.Generator().manual_seed(rank))
     rows = []
     for text in CONFIGS:
-        cfg = CompressionConfig.from_string(steady_state(text))
+        cfg = steady_state(text)
         model = make_model()
         ddp = nn.parallel.DistributedDataParallel(model)
         state = register_compression(ddp, cfg)

@@ -113,8 +113,11 @@ def synchronous(hook):
     return run
 
 
-def install(ddp: DistributedDataParallel, label: str, gravac: dict, samples_per_step: float):
-    """Install the exchange named by ``label`` on ``ddp``; returns (kind, state, gravac run)."""
+def install(ddp: DistributedDataParallel, label: str, gravac: dict, samples_per_step: float, steady: bool = False):
+    """Install the exchange named by ``label`` on ``ddp``; returns (kind, state, gravac run).
+
+    ``steady``: our configurations without their default density warm-up (timed steps measure the
+    steady state; GraVAC drops that warm-up itself)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if label == "dense":
@@ -132,7 +135,7 @@ def install(ddp: DistributedDataParallel, label: str, gravac: dict, samples_per_
     import lightning_compress
 
     text = label[len(GRAVAC_PREFIX):] if label.startswith(GRAVAC_PREFIX) else label
-    state = lightning_compress.register_compression(ddp, text)
+    state = lightning_compress.register_compression(ddp, steady_state(text) if steady else text)
     run = None
     if label.startswith(GRAVAC_PREFIX):
         run = lightning_compress.attach_gravac(state, **gravac)
@@ -206,8 +209,7 @@ def step_mode(args, cfg: str, rank: int, world: int) -> dict:
         net, kind, state, run = model, "floor", None, None
     else:
         net = DistributedDataParallel(model, gradient_as_bucket_view=args.bucket_view)
-        ours = "=" in cfg and not cfg.startswith(GRAVAC_PREFIX)  # timed steps: the steady state, no density warm-up
-        kind, state, run = install(net, steady_state(cfg) if ours else cfg, args.gravac, float(world * args.batch))
+        kind, state, run = install(net, cfg, args.gravac, float(world * args.batch), steady=True)
         if kind == "torch":
             count_allreduce_bytes()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)

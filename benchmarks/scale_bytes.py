@@ -88,7 +88,7 @@ def worker(rank: int, world: int, port: int, configs: list[str], steps: int, out
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
     import warnings
 
-    from lightning_compress import CompressionConfig, register_compression
+    from lightning_compress import register_compression
 
     warnings.simplefilter("ignore", UserWarning)
     counter = Counter()
@@ -103,7 +103,7 @@ def worker(rank: int, world: int, port: int, configs: list[str], steps: int, out
             if cfg == "dense":  # PyTorch's own allreduce hook: DDP's built-in average, through dist.all_reduce
                 ddp.register_comm_hook(None, default_hooks.allreduce_hook)
             else:
-                state = register_compression(ddp, CompressionConfig.from_string(steady_state(cfg)))
+                state = register_compression(ddp, steady_state(cfg))
             opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
             batches = random_batches(model, 8, rank, count=2)
             sent, own = [], []

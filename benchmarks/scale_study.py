@@ -361,7 +361,7 @@ def _run(rank: int, world: int, job: dict) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     import lightning_compress  # noqa: F401  (its modules, for the rebinding below)
-    from lightning_compress import CompressionConfig, register_compression
+    from lightning_compress import register_compression
 
     torch.manual_seed(0)
     model = _model(job["widths"])
@@ -401,7 +401,7 @@ def _run(rank: int, world: int, job: dict) -> dict:
         if cfg == "dense":  # PyTorch's allreduce hook: DDP's own average, through dist.all_reduce
             net.register_comm_hook(None, default_hooks.allreduce_hook)
         else:
-            state = register_compression(net, CompressionConfig.from_string(steady_state(cfg)))
+            state = register_compression(net, steady_state(cfg))
             for name, fn in log.originals.items():  # modules imported by the registration
                 _rebind(originals.get(name), fn)
         params = net.parameters()
