@@ -4,7 +4,7 @@ Reads an optional ``compression:`` section from ``--config_file`` (Accelerate re
 section is stripped and the rest handed to ``accelerate launch`` unchanged), applies ``ACCELERATE_COMPRESSION``
 and the options on top -- one per :class:`~lightning_compress.CompressionConfig` field (``--compressor``,
 ``--density``, ``--bits``, ``--feedback``, ``--transport``, ``--warmup_steps``, ``--min_numel``, ``--block_size``,
-``--seed``, ``--diana_alpha``, ``--dgc_sample_fraction``, ``--momentum``, ``--powersgd_rank``) plus ``--adaptive`` and ``--gravac``
+``--seed``, ``--diana_alpha``, ``--ef21_step``, ``--dgc_sample_fraction``, ``--momentum``, ``--powersgd_rank``) plus ``--adaptive`` and ``--gravac``
 (options win over the file, the file over the environment) -- validates the result before any worker starts, and
 runs the script through :mod:`accelerate_compress._bootstrap`, which enables compression inside
 ``Accelerator.prepare_model``. The launcher says what was requested; rank 0 of the workers says what runs (or a
@@ -56,6 +56,8 @@ _FIELD_HELP: dict[str, str] = {
     "block_size": "elements per scale of sign/qsgd/terngrad; larger compresses more; 'none': 1024, 256 with doublesqueeze",
     "seed": "base seed of every random choice (rand-k indices, stochastic rounding)",
     "diana_alpha": "DIANA shift step size in (0, 1], or 'none' for 1 / (omega + 1)",
+    "ef21_step": "EF21's estimate step in (0, 2): g_i += ef21_step * C(x_i - g_i); 'none': 1.2 for topk and dgc "
+    "at density <= 5%, else 1",
     "dgc_sample_fraction": "fraction of entries dgc (and topk) sample to find the threshold, in (0, 1]",
     "momentum": "where the optimizer's momentum lives: auto, lookahead, heavy_ball or optimizer",
     "powersgd_rank": "rank r of powersgd's approximation (>= 1): an n x m gradient sends (n + m) r values",

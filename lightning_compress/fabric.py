@@ -79,6 +79,7 @@ class CompressedDDPStrategy(_CompressionCore, DDPStrategy):
         block_size: Optional[int] = None,
         seed: int = 0,
         diana_alpha: Optional[float] = None,
+        ef21_step: Optional[float] = None,
         dgc_sample_fraction: float = 0.01,
         momentum: MomentumMode = "auto",
         powersgd_rank: int = 4,

@@ -111,9 +111,12 @@ class DoubleSqueeze(ErrorFeedback):
 class EF21(Feedback):
     """EF21 (Richtarik, Sokolov, Fatkhullin, NeurIPS 2021).
 
-    Each rank keeps ``g_i`` (``local``) and sends ``c_i = C(x_i - g_i)``, then ``g_i += c_i``;
-    every rank keeps ``g = sum_i g_i`` (``global``) and moves it by ``sum_i c_i``. As in the
-    paper, ``g_i`` starts at the first local gradient (one dense exchange), not at zero.
+    Each rank keeps ``g_i`` (``local``) and sends ``c_i = C(x_i - g_i)``, then
+    ``g_i += step * c_i``; every rank keeps ``g = sum_i g_i`` (``global``) and moves it by
+    ``step * sum_i c_i``. As in the paper, ``g_i`` starts at the first local gradient (one dense
+    exchange), not at zero. ``step`` 1 is the paper's EF21. Any ``step`` in (0, 2) is EF21 with the
+    compressor ``step * C``, which is contractive whenever ``C`` is:
+    ``||x - step C(x)||^2 = ||x||^2 - (1 - (1 - step)^2) ||C(x)||^2`` for top-k-like ``C``.
     """
 
     name = "ef21"
@@ -121,6 +124,9 @@ class EF21(Feedback):
     shared_keys = ("global",)
     fused_residual = False
     direct_result = False
+
+    def __init__(self, step: float = 1.0):
+        self.step = step
 
     def shift(self, mem: Memory) -> torch.Tensor:
         return mem["local"]
@@ -133,16 +139,16 @@ class EF21(Feedback):
         return x - mem["local"]
 
     def worker_update(self, v: torch.Tensor, error: torch.Tensor, mem: Memory) -> Memory:
-        return {"local": mem["local"] + (v - error)}
+        return {"local": mem["local"] + self.step * (v - error)}
 
     def result(self, aggregate: torch.Tensor, mem: Memory) -> tuple[torch.Tensor, Memory]:
-        out = mem["global"] + aggregate
+        out = mem["global"] + self.step * aggregate
         return out, {"global": out}
 
     def commit(self, aggregate, v, error, mem) -> torch.Tensor:
         message = torch.sub(v, error, out=error)  # C(v_i), what this rank sent
-        mem["local"].add_(message)
-        return mem["global"].add_(aggregate)
+        mem["local"].add_(message, alpha=self.step)
+        return mem["global"].add_(aggregate, alpha=self.step)
 
 
 class DIANA(Feedback):
@@ -195,8 +201,10 @@ class DIANA(Feedback):
         return out
 
 
-def make_feedback(name: str, compressor: Compressor, *, diana_alpha: float | None = None) -> Feedback:
-    """The scheme called ``name``; DIANA's step is ``diana_alpha`` or ``1 / (omega + 1)``."""
+def make_feedback(
+    name: str, compressor: Compressor, *, diana_alpha: float | None = None, ef21_step: float = 1.0
+) -> Feedback:
+    """The scheme called ``name``; DIANA's step is ``diana_alpha`` or ``1 / (omega + 1)``, EF21's ``ef21_step``."""
     if name == "none":
         return Feedback()
     if name == "ef":
@@ -204,7 +212,7 @@ def make_feedback(name: str, compressor: Compressor, *, diana_alpha: float | Non
     if name == "doublesqueeze":
         return DoubleSqueeze()
     if name == "ef21":
-        return EF21()
+        return EF21(ef21_step)
     if name == "diana":
         return DIANA(compressor, diana_alpha)
     raise ValueError(f"`feedback` must be one of ('none', 'ef', 'ef21', 'diana', 'doublesqueeze'); got {name!r}")

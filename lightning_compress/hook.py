@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_compress.agreement import after_start_timeout, check_agreement
 from lightning_compress.config import CompressionConfig, build_config
 from lightning_compress.exchange import CompressedFlight, DenseFlight, Flight, commit_velocities, dense_inputs
+from lightning_compress.feedback import EF21
 from lightning_compress.hierarchy import HierarchicalFlight
 from lightning_compress.momentum import Prepared
 from lightning_compress.state import CompressionState
@@ -70,6 +71,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
             check_agreement(state, when, started=state.started)
             state.agreed()
         state.pipeline.reset()  # buckets are handed over in order: anything left is from a step that raised
+        if isinstance(state.feedback, EF21):  # its step follows the optimizer attached (CompressionState.ef21_step)
+            state.feedback.step = state.ef21_step()
     flight: Flight
     if buffer.is_sparse:  # DDP hands sparse gradients over in a bucket of their own, no dense views
         flight = _sparse_flight(state, buffer, params)

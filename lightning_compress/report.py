@@ -182,12 +182,17 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
     if config.compressor == "powersgd":
         details.append(f"rank={config.powersgd_rank}")
     comp = config.compressor + (f"({', '.join(details)})" if details else "")
+    feedback = config.feedback
+    if feedback == "ef21" and config.ef21_step is not None and config.ef21_step != 1.0:
+        feedback += f"(step={config.ef21_step:g})"
+    elif feedback == "ef21" and config.ef21_step_for(sgd_momentum=True) != 1.0:
+        feedback += f"(step={config.ef21_step_for(sgd_momentum=True):g} with SGD's momentum, else 1)"
     extra = [f"min_numel={config.min_numel}", f"momentum={config.momentum}"]
     if config.warmup_steps:
         extra.append(f"warmup_steps={config.warmup_steps}")
     if config.density_warmup_steps_resolved:
         extra.append(f"density_warmup_steps={config.density_warmup_steps_resolved}")
-    return f"{comp}/{config.feedback} via {transport or config.transport_resolved} ({', '.join(extra)})"
+    return f"{comp}/{feedback} via {transport or config.transport_resolved} ({', '.join(extra)})"
 
 
 def start_line(

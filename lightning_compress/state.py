@@ -192,7 +192,15 @@ class CompressionState(StateCheckpointing):
         config = self.config
         density = config.density_at(self.step)
         self.compressor = (config if density == config.density else config.replace(density=density)).make_compressor()
-        self.feedback = make_feedback(config.feedback, self.compressor, diana_alpha=config.diana_alpha)
+        self.feedback = make_feedback(
+            config.feedback, self.compressor, diana_alpha=config.diana_alpha, ef21_step=self.ef21_step()
+        )
+
+    def ef21_step(self) -> float:
+        """EF21's estimate step now: ``config.ef21_step_for`` with whether an attached SGD's momentum runs in
+        the exchange. The hook sets it on the scheme at the start of every step."""
+        momentum = getattr(self, "momentum", None)
+        return self.config.ef21_step_for(sgd_momentum=momentum is not None and momentum.kind == "sgd")
 
     def _follow_density_schedule(self) -> None:
         """Rebuild the compressor where the density warm-up changes the density at this step."""

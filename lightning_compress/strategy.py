@@ -61,6 +61,7 @@ class _CompressedDDPMixin(_CompressionCore):
         block_size: Optional[int] = None,
         seed: int = 0,
         diana_alpha: Optional[float] = None,
+        ef21_step: Optional[float] = None,
         dgc_sample_fraction: float = 0.01,
         momentum: MomentumMode = "auto",
         powersgd_rank: int = 4,
@@ -197,7 +198,7 @@ class CompressedDDPStrategy(_CompressedDDPMixin, DDPStrategy):
         log_compression_stats: add a :class:`~lightning_compress.CompressionMonitor`
             (ratio, bytes sent, gain per step) unless one is already among the callbacks.
         compressor, density, bits, feedback, transport, warmup_steps, density_warmup_steps, min_numel, block_size,
-            seed, diana_alpha, dgc_sample_fraction, momentum, powersgd_rank, hierarchical, ranks_per_node: the
+            seed, diana_alpha, ef21_step, dgc_sample_fraction, momentum, powersgd_rank, hierarchical, ranks_per_node: the
             :class:`~lightning_compress.CompressionConfig` fields.
 
     Raises:

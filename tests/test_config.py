@@ -68,6 +68,55 @@ def test_block_size_default_is_finer_for_doublesqueeze_and_an_explicit_value_win
         CompressionConfig(block_size=256.0)
 
 
+def test_ef21_step_is_checked_and_reaches_the_scheme() -> None:
+    from lightning_compress.feedback import make_feedback
+
+    config = CompressionConfig.from_string("compressor=topk,density=0.01,feedback=ef21,ef21_step=1.3")
+    assert config.ef21_step == 1.3 and CompressionConfig.from_dict(config.to_dict()) == config
+    assert make_feedback("ef21", config.make_compressor(), ef21_step=config.ef21_step_for(False)).step == 1.3
+    # A step set by hand holds with any optimizer.
+    assert config.ef21_step_for(sgd_momentum=True) == config.ef21_step_for(sgd_momentum=False) == 1.3
+    # None: 1.2 where EF21's estimate lags (top-k/dgc at 5% or less) and SGD's momentum is in the exchange; else 1.
+    assert CompressionConfig(feedback="ef21").ef21_step is None
+    assert CompressionConfig(feedback="ef21").ef21_step_for(sgd_momentum=True) == 1.0
+    for compressor in ("topk", "dgc"):
+        sparse = CompressionConfig(compressor=compressor, density=0.05, feedback="ef21")
+        assert (sparse.ef21_step_for(sgd_momentum=True), sparse.ef21_step_for(sgd_momentum=False)) == (1.2, 1.0)
+        dense_enough = CompressionConfig(compressor=compressor, density=0.06, feedback="ef21")
+        assert dense_enough.ef21_step_for(sgd_momentum=True) == 1.0
+    assert CompressionConfig(compressor="topk", density=0.01, feedback="ef21", ef21_step=1).ef21_step_for(True) == 1.0
+    assert CompressionConfig.from_string("compressor=topk,feedback=ef21,ef21_step=none").ef21_step is None
+    # 0 would never move the estimate; 2 and beyond make step * C non-contractive.
+    for bad in (0.0, -1.0, 2.0, 3.0, float("nan"), float("inf")):
+        _raises_naming("ef21_step", repr(bad), compressor="topk", feedback="ef21", ef21_step=bad)
+    with pytest.raises(TypeError, match="ef21_step"):
+        CompressionConfig(ef21_step="1.2")
+
+
+def test_ef21s_default_step_follows_the_optimizer_whose_momentum_is_in_the_exchange() -> None:
+    import torch
+
+    from lightning_compress import CompressionState, attach_optimizer
+
+    config = CompressionConfig(compressor="topk", density=0.01, feedback="ef21")
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    cases = {
+        "no optimizer": (None, 1.0),
+        "SGD + momentum": (lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9), 1.2),
+        "SGD, no momentum (it stays in the optimizer)": (lambda: torch.optim.SGD(params, lr=0.1), 1.0),
+        "AdamW": (lambda: torch.optim.AdamW(params, lr=1e-3), 1.0),
+    }
+    for label, (make, expected) in cases.items():
+        state = CompressionState(config, {id(params[0]): "w"})
+        if make is not None:
+            attach_optimizer(state, make())
+        assert state.ef21_step() == expected, label
+    # set by hand, it wins over the optimizer
+    state = CompressionState(config.replace(ef21_step=1.0), {id(params[0]): "w"})
+    attach_optimizer(state, torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    assert state.ef21_step() == 1.0
+
+
 def _raises_naming(match_option: str, value: str, **kwargs) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,16 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 EPOCHS = 5
 # The defaults as a user gets them: DoubleSqueeze with 256 elements per scale, top-k with DGC's density
-# warm-up over its first 100 steps (without it, top-k 1% + ef with AdamW reached 88.0% after 5 epochs).
-RECOMMENDED = {
-    "sgd": ("compressor=sign,feedback=ef", "compressor=topk,density=0.01,feedback=ef", "compressor=sign,feedback=doublesqueeze"),
-    "adamw": ("compressor=sign,feedback=ef", "compressor=sign,feedback=doublesqueeze", "compressor=topk,density=0.01,feedback=ef"),
-}
-# top-k 1% + ef21 trails dense at the same learning rate (4 points after 5 epochs with SGD on these
-# seeds); the README's advice, 1.6x (SGD) and 1.5x (AdamW) the rate, must keep it within 2 points of
-# dense at the usual rate
-EF21_LARGER_LR = {"sgd": "sgd@0.08", "adamw": "adamw@0.0015"}
-EF21 = "compressor=topk,density=0.01,feedback=ef21"
+# warm-up over its first 100 steps (without it, top-k 1% + ef with AdamW reached 88.0% after 5 epochs),
+# EF21 on top-k 1% with its estimate step of 1.2 (with the paper's 1, SGD reached 91.5% against 95.5%).
+CONFIGS = (
+    "compressor=sign,feedback=ef",
+    "compressor=topk,density=0.01,feedback=ef",
+    "compressor=topk,density=0.01,feedback=ef21",
+    "compressor=sign,feedback=doublesqueeze",
+)
+RECOMMENDED = {"sgd": CONFIGS, "adamw": CONFIGS}
 
 
 def _worker(rank, world, optimizer):
@@ -46,10 +45,9 @@ def _worker(rank, world, optimizer):
         )
 
     dense = mean_acc(bench.DENSE)
-    runs = [(optimizer, label) for label in RECOMMENDED[optimizer]] + [(EF21_LARGER_LR[optimizer], EF21)]
-    for opt, label in runs:
-        acc = mean_acc(label, opt)
-        assert acc >= dense - 0.02, f"{opt} {label}: {100 * acc:.1f}% after {EPOCHS} epochs, dense {100 * dense:.1f}%"
+    for label in RECOMMENDED[optimizer]:
+        acc = mean_acc(label)
+        assert acc >= dense - 0.02, f"{optimizer} {label}: {100 * acc:.1f}% after {EPOCHS} epochs, dense {100 * dense:.1f}%"
 
 
 @pytest.mark.parametrize("optimizer", sorted(RECOMMENDED))

@@ -95,7 +95,8 @@ def diana_gamma(problem: Problem, cfg: CompressionConfig) -> float:
 
 
 def ef21_gamma(problem: Problem, cfg: CompressionConfig) -> float:
-    a = cfg.make_compressor().alpha(problem.d)
+    # EF21 with ``ef21_step`` s runs the compressor s * C, contractive with 1 - (1 - s)^2 times C's alpha.
+    a = cfg.make_compressor().alpha(problem.d) * (1.0 - (1.0 - cfg.ef21_step_for(sgd_momentum=False)) ** 2)
     theta = 1.0 - math.sqrt(1.0 - a)
     beta = (1.0 - a) / (1.0 - math.sqrt(1.0 - a))
     return 1.0 / (problem.L + problem.L_tilde * math.sqrt(beta / theta))
@@ -136,6 +137,12 @@ def _exact_worker(rank, world):
         "diana+randk": (CompressionConfig(compressor="randk", density=0.25, feedback="diana", **BASE), "diana", 600),
         "diana+qsgd": (CompressionConfig(compressor="qsgd", bits=2, feedback="diana", **BASE), "diana", 200),
         "ef21+topk": (CompressionConfig(compressor="topk", density=0.25, feedback="ef21", **BASE), "ef21", 350),
+        # A relaxed estimate step is EF21 with the compressor 1.5 * top-k, which is still contractive.
+        "ef21(step 1.5)+topk": (
+            CompressionConfig(compressor="topk", density=0.25, feedback="ef21", ef21_step=1.5, **BASE),
+            "ef21",
+            400,
+        ),
     }
     report = [f"dense fp32 GD: {dense[-1]:.2e}"]
     for tag, (cfg, kind, steps) in runs.items():
@@ -189,7 +196,7 @@ def simulate(problem: Problem, cfg: CompressionConfig, gamma: float, steps: int)
     ``out, shared = result(sum_j decode_j, mem)``, then ``worker_update`` and the shared update.
     """
     comp = cfg.make_compressor()
-    fb = make_feedback(cfg.feedback, comp, diana_alpha=cfg.diana_alpha)
+    fb = make_feedback(cfg.feedback, comp, diana_alpha=cfg.diana_alpha, ef21_step=cfg.ef21_step_for(sgd_momentum=False))
     n, d = problem.n, problem.d
     w = torch.zeros(d)
     mems = [{k: torch.zeros(d) for k in fb.memory_keys} for _ in range(n)]
@@ -236,3 +243,31 @@ def test_simulated_four_workers_shifts_converge_where_plain_compression_stalls()
     report["ef21+topk"] = dists[-1]
     assert max(dists[-50:]) < EXACT, f"EF21+topk with 4 workers: {dists[-1]:.3e}"
     print(f"\nsimulated n=4 (DIANA final, plain floor at gamma, at gamma/4): {report}")
+
+
+def test_ef21_step_moves_the_estimates_by_that_multiple_of_the_messages_in_both_code_paths() -> None:
+    cfg = CompressionConfig(compressor="topk", density=0.25, feedback="ef21", ef21_step=1.5, **BASE)
+    comp = cfg.make_compressor()
+    fb = make_feedback("ef21", comp, ef21_step=cfg.ef21_step)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(64, generator=gen) for _ in range(2)]
+    mems = [{"local": torch.randn(64, generator=gen), "global": torch.zeros(64)} for _ in range(2)]
+    total = mems[0]["local"] + mems[1]["local"]
+    for mem in mems:
+        mem["global"] = total.clone()
+    vs = [fb.compress_input(x, mem) for x, mem in zip(xs, mems)]
+    sent = [comp.decode(comp.encode(v, 0), 64, 0) for v in vs]
+    aggregate = sent[0] + sent[1]
+    for v, own, mem in zip(vs, sent, mems):
+        functional = {k: t.clone() for k, t in mem.items()}
+        out, shared = fb.result(aggregate, functional)
+        functional.update(fb.worker_update(v, v - own, functional))
+        functional.update(shared)
+        in_place = {k: t.clone() for k, t in mem.items()}
+        out2 = fb.commit(aggregate.clone(), v.clone(), v - own, in_place)
+        torch.testing.assert_close(out, out2)
+        for k in mem:
+            torch.testing.assert_close(functional[k], in_place[k])
+        torch.testing.assert_close(in_place["local"], mem["local"] + 1.5 * own)
+        torch.testing.assert_close(out, total + 1.5 * aggregate)
+    assert float(aggregate.abs().max()) > 0.1  # the messages are not empty

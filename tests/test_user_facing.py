@@ -129,17 +129,26 @@ def test_start_line_tells_users_of_two_compressions_about_coarse_blocks():
     assert coarse_two_pass_hint(CompressionConfig(compressor="topk", feedback="doublesqueeze"), "two_pass") is None
 
 
-def test_start_line_tells_users_of_sparse_ef21_about_its_lag():
+def test_start_line_shows_ef21s_step_and_tells_users_of_sparse_ef21_about_its_lag():
     params = [("w", (64, 64), 4), ("b", (64,), 4)]
     sparse = CompressionConfig(compressor="topk", density=0.01, feedback="ef21")
+    # By default sparse EF21 takes the larger estimate step with SGD's momentum: the settings say so, and the
+    # hint gives the lag with step 1 (what AdamW runs), the figures behind the default, and the alternatives.
     line = report.start_line("lightning-compress", sparse, params, 2)
+    assert "topk(density=0.01)/ef21(step=1.2 with SGD's momentum, else 1) via allgather" in line
     assert line.endswith("; " + sparse_ef21_hint(sparse)) and "feedback=ef stayed within 1 point" in line
+    assert "ef21_step=None takes 1.2 with SGD's momentum" in line
     assert sparse_ef21_hint(sparse.replace(compressor="dgc")) is not None
+    assert sparse_ef21_hint(sparse.replace(ef21_step=1.0)) is not None  # the paper's step set by hand
+    # a step above 1 set by hand: shown, no hint
+    line = report.start_line("lightning-compress", sparse.replace(ef21_step=1.3), params, 2)
+    assert "/ef21(step=1.3) via" in line and "EF21 holds" not in line
     # ef, a denser top-k, a non-sparsifying compressor, and GraVAC (which picks the density itself): no hint
     for quiet in (sparse.replace(feedback="ef"), sparse.replace(density=0.1), CompressionConfig(feedback="ef21")):
         assert sparse_ef21_hint(quiet) is None
         assert "EF21 holds" not in report.start_line("lightning-compress", quiet, params, 2)
     assert "EF21 holds" not in report.start_line("lightning-compress", sparse, params, 2, gravac_theta_min=10.0)
+    assert "/ef21 via" in report.start_line("lightning-compress", CompressionConfig(feedback="ef21"), params, 2)
 
 
 def _fabric_train(fabric, steps: int, root: str):
