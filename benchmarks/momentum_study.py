@@ -52,6 +52,9 @@ Remedies (``--remedy``): where momentum lives relative to the compression.
 * ``econtrol`` (EF21 only): EControl's error feedback on top of EF21 (Gao, Islamov and Stich,
   ICLR 2024): each rank also keeps ``e_i`` and sends ``c_i = C(x_i - h_i + econtrol * e_i)``, then
   ``h_i += c_i`` and ``e_i += x_i - h_i - c_i`` (``h_i`` before the update); 0 is plain EF21.
+* ``ef21_step`` (EF21 only): EF21's estimate step (``CompressionConfig.ef21_step``) by step:
+  ``"1.2"`` at every step, ``"1.2@300"`` 1.2 before step 300 and 1 after, ``"lin0-1000"`` 1.2 at
+  step 0 falling linearly to 1 at step 1000 (and ``"linA-B"`` alike); ``""`` is the paper's 1.
 
 Run ``python benchmarks/momentum_study.py --help`` for the studies; the default runs the main
 table (SGD with momentum and AdamW, every remedy against the four compressed schemes).
@@ -86,7 +89,7 @@ BATCH = 32
 STEPS_PER_EPOCH = 23  # ceil(719 / 32) and ceil(718 / 32): the two halves of the 1437 training images
 HIDDEN = 256
 MIN_NUMEL = 1024
-EVAL_EPOCHS = (2, 5, 6, 10, 20)
+EVAL_EPOCHS = (2, 5, 6, 10, 20, 30, 40)  # those up to the run's epochs
 
 # The compressed schemes of the goal, and a few more for the side studies.
 SCHEMES = {
@@ -130,11 +133,12 @@ class Run:
     density_warmup: int = 0  # DGC's warm-up: epochs of exponentially falling density (sparsifiers)
     density_warmup_steps: int = 0  # the library's density warm-up (CompressionConfig.density_at), in steps
     econtrol: float = 0.0  # EF21 only: EControl's weight of the accumulated error (0: plain EF21)
+    ef21_step: str = ""  # EF21 only: its estimate step by step ("1.2", "1.2@300", "lin0-1000"); "": 1
 
     @property
     def key(self) -> str:
         fields = asdict(self)
-        for name in ("density_warmup", "density_warmup_steps", "econtrol"):
+        for name in ("density_warmup", "density_warmup_steps", "econtrol", "ef21_step"):
             if not fields[name]:  # keys of runs cached before these fields existed
                 del fields[name]
         return json.dumps(fields, sort_keys=True)
@@ -155,6 +159,17 @@ def mix(*values: int) -> int:
 
 
 # ----- the exchange of one compressed parameter --------------------------------------------------
+def ef21_step_schedule(spec: str):
+    """EF21's estimate step as a function of the step, from ``Run.ef21_step`` (see the module's doc)."""
+    if not spec:
+        return lambda t: 1.0
+    if spec.startswith("lin"):
+        a, b = (int(v) for v in spec[3:].split("-"))
+        return lambda t: 1.2 if t < a else max(1.0, 1.2 - 0.2 * (t - a) / (b - a))
+    value, _, until = spec.partition("@")
+    return lambda t: float(value) if not until or t < int(until) else 1.0
+
+
 def econtrol_ef21(eta: float):
     """EF21 with EControl's error feedback (Gao, Islamov and Stich, ICLR 2024), weight ``eta``.
 
@@ -184,7 +199,10 @@ def econtrol_ef21(eta: float):
 class Exchanger:
     """Per-parameter memory of every rank and one compressed exchange, as the hook does it."""
 
-    def __init__(self, index: int, numel: int, scheme: str, ds_mode: str, density_at=None, econtrol: float = 0.0):
+    def __init__(
+        self, index: int, numel: int, scheme: str, ds_mode: str, density_at=None, econtrol: float = 0.0,
+        ef21_step: str = "",
+    ):
         from lightning_compress.config import CompressionConfig
         from lightning_compress.feedback import make_feedback
 
@@ -192,7 +210,10 @@ class Exchanger:
         self.cfg, self.density_at, self._comps = cfg, density_at, {}
         self.comp = cfg.make_compressor()
         self.fbname = cfg.feedback
-        self.fb = make_feedback(cfg.feedback, self.comp, diana_alpha=cfg.diana_alpha)
+        # EF21's step: the paper's 1 unless the run sets a schedule (Run.ef21_step)
+        self.fb = make_feedback(cfg.feedback, self.comp, diana_alpha=cfg.diana_alpha, ef21_step=1.0)
+        assert not ef21_step or cfg.feedback == "ef21", "ef21_step applies to EF21 only"
+        self.ef21_step = ef21_step_schedule(ef21_step)
         if econtrol:
             assert cfg.feedback == "ef21", "econtrol applies to EF21 only"
             self.fb = econtrol_ef21(econtrol)
@@ -224,6 +245,8 @@ class Exchanger:
             self.comp = self._comps[density]
         if self.fbname == "doublesqueeze":
             return self._doublesqueeze(ins, step, want_sent)
+        if self.fbname == "ef21" and hasattr(self.fb, "step"):
+            self.fb.step = self.ef21_step(step)
         comp, fb, seeds = self.comp, self.fb, self.seeds(step)
         payloads, errors, vins = [], [], []
         for r in range(N):
@@ -315,7 +338,7 @@ class Hook:
         if run.scheme != "dense":
             for i, (n, p) in enumerate(params):
                 if self.compressible[n]:
-                    self.ex[n] = Exchanger(i, p.numel(), run.scheme, run.ds, density_at, run.econtrol)
+                    self.ex[n] = Exchanger(i, p.numel(), run.scheme, run.ds, density_at, run.econtrol, run.ef21_step)
         self.local = {}  # per-rank momentum, per parameter: list of N tensors
         self.shared = {}  # the shared (identical on all ranks) momentum of a parameter
         self.prev = {}  # the previous exchanged momentum (mx)
@@ -576,6 +599,8 @@ def label(run: Run) -> str:
         parts.append(f"density_warmup_steps={run.density_warmup_steps}")
     if run.econtrol:
         parts.append(f"econtrol={run.econtrol:g}")
+    if run.ef21_step:
+        parts.append(f"ef21_step={run.ef21_step}")
     if run.init != "zero":
         parts.append(f"init={run.init}")
     if run.ds != "lib" and "ds" in run.scheme:
@@ -1118,13 +1143,14 @@ def _doublesqueeze_case(name: str, world: int, n: int, block: int, steps: int) -
 
 
 def study_ef21(args, cache):
-    """top-k 1% + EF21 with the library's defaults (look-ahead in the exchange, estimates from the
-    first gradient, 100-step density warm-up), and what was tried against its lag."""
+    """top-k 1% + EF21 with the paper's estimate step of 1 and the library's other defaults (look-ahead
+    in the exchange, estimates from the first gradient, 100-step density warm-up), and what was tried
+    against its lag before the library's estimate step of 1.2 (``CompressionConfig.ef21_step``)."""
     out = []
     for opt, remedy in (("sgd", "dgc"), ("adamw", "mx_b0")):
         base = Run(opt=opt, epochs=args.epochs, remedy=remedy, nesterov=True, init="first", density_warmup_steps=100)
         rows = [
-            ("library defaults (density warm-up 100 steps)", {}),
+            ("step 1, library defaults otherwise (density warm-up 100 steps)", {}),
             *[(f"+ EControl, weight {eta:g}", {"econtrol": eta}) for eta in (0.01, 0.03, 0.1, 0.5)],
             ("EF21 on the velocity, no look-ahead", {"nesterov": False}),
             ("density warm-up 200 steps", {"density_warmup_steps": 200}),
@@ -1135,9 +1161,29 @@ def study_ef21(args, cache):
     return out
 
 
+def study_ef21step(args, cache):
+    """top-k 1% + EF21 with the library's defaults otherwise, EF21's estimate step and schedules of it,
+    over 40 epochs (the larger step's cost comes late)."""
+    out = []
+    for opt, remedy in (("sgd", "dgc"), ("adamw", "mx_b0")):
+        base = Run(opt=opt, epochs=40, remedy=remedy, nesterov=True, init="first", density_warmup_steps=100)
+        rows = [
+            ("step 1 (the paper)", {}),
+            ("step 1.1", {"ef21_step": "1.1"}),
+            ("step 1.2", {"ef21_step": "1.2"}),
+            ("1.2 until step 300, then 1", {"ef21_step": "1.2@300"}),
+            ("1.2 falling linearly to 1 over steps 0-1000", {"ef21_step": "lin0-1000"}),
+            ("1.2 until step 300, falling to 1 at step 900", {"ef21_step": "lin300-900"}),
+        ]
+        title = f"top-k 1% + EF21, {'SGD lr 0.05, momentum 0.9' if opt == 'sgd' else 'AdamW lr 1e-3'}, 40 epochs"
+        out.append(grid(args, base, rows, ("topk1%+ef21",), cache, title))
+    return out
+
+
 STUDIES = {
     "main": study_main,
     "ef21": study_ef21,
+    "ef21step": study_ef21step,
     "close": study_close,
     "init": study_init,
     "ds": study_ds,
@@ -1168,7 +1214,8 @@ def main(argv=None) -> None:
         "ds (DoubleSqueeze: least-squares check of the library's two-pass arithmetic against the "
         "paper, paper vs library on digits, lr sweep), extra (weight decay in the exchange, "
         "warm-up, longer 1-bit Adam warm-up), equiv (DGC+EF21 vs EF21-SGDM, zero init), "
-        "ef21 (top-k 1% + EF21 with the library's defaults: EControl, the velocity, longer density warm-ups).\n"
+        "ef21 (top-k 1% + EF21 with step 1 and the library's other defaults: EControl, the velocity, longer "
+        "density warm-ups), ef21step (EF21's estimate step and schedules of it, 40 epochs).\n"
         "examples:\n"
         "  python benchmarks/momentum_study.py                      # the main tables (about 9 min on 1 core)\n"
         "  python benchmarks/momentum_study.py --study ds init extra\n"
