@@ -57,7 +57,7 @@ def coarse_two_pass_hint(config: "CompressionConfig", transport: str) -> str | N
     )
 
 
-_SPARSE_EF21_DENSITY = 0.05  # EF21 with a sparsifier keeping at most this much gets a hint
+_SPARSE_EF21_DENSITY = 0.05  # EF21 with a sparsifier keeping at most this much: a hint, and 1.2 with SGD
 
 
 _SPARSE_EF21_STEP = 1.2  # EF21's estimate step there with SGD's momentum in the exchange, unless set
