@@ -204,7 +204,7 @@ class Exchanger:
         ef21_step: str = "",
     ):
         from lightning_compress.config import CompressionConfig
-        from lightning_compress.feedback import make_feedback
+        from lightning_compress.feedback import EF21, make_feedback
 
         cfg = CompressionConfig(**SCHEMES[scheme], min_numel=MIN_NUMEL)
         self.cfg, self.density_at, self._comps = cfg, density_at, {}
@@ -214,6 +214,7 @@ class Exchanger:
         self.fb = make_feedback(cfg.feedback, self.comp, diana_alpha=cfg.diana_alpha, ef21_step=1.0)
         assert not ef21_step or cfg.feedback == "ef21", "ef21_step applies to EF21 only"
         self.ef21_step = ef21_step_schedule(ef21_step)
+        self.plain_ef21 = type(self.fb) is EF21  # EControl's subclass keeps its own update
         if econtrol:
             assert cfg.feedback == "ef21", "econtrol applies to EF21 only"
             self.fb = econtrol_ef21(econtrol)
@@ -245,7 +246,7 @@ class Exchanger:
             self.comp = self._comps[density]
         if self.fbname == "doublesqueeze":
             return self._doublesqueeze(ins, step, want_sent)
-        if self.fbname == "ef21" and hasattr(self.fb, "step"):
+        if self.plain_ef21:
             self.fb.step = self.ef21_step(step)
         comp, fb, seeds = self.comp, self.fb, self.seeds(step)
         payloads, errors, vins = [], [], []

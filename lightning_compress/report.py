@@ -183,10 +183,12 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
         details.append(f"rank={config.powersgd_rank}")
     comp = config.compressor + (f"({', '.join(details)})" if details else "")
     feedback = config.feedback
-    if feedback == "ef21" and config.ef21_step is not None and config.ef21_step != 1.0:
-        feedback += f"(step={config.ef21_step:g})"
-    elif feedback == "ef21" and config.ef21_step_for(sgd_momentum=True) != 1.0:
-        feedback += f"(step={config.ef21_step_for(sgd_momentum=True):g} with SGD's momentum, else 1)"
+    if feedback == "ef21":  # EF21's estimate step where it is not 1 (CompressionConfig.ef21_step_for)
+        always, with_sgd = config.ef21_step_for(sgd_momentum=False), config.ef21_step_for(sgd_momentum=True)
+        if always != 1.0:
+            feedback += f"(step={always:g})"
+        elif with_sgd != 1.0:
+            feedback += f"(step={with_sgd:g} with SGD's momentum, else 1)"
     extra = [f"min_numel={config.min_numel}", f"momentum={config.momentum}"]
     if config.warmup_steps:
         extra.append(f"warmup_steps={config.warmup_steps}")
