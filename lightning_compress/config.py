@@ -57,10 +57,11 @@ def coarse_two_pass_hint(config: "CompressionConfig", transport: str) -> str | N
     )
 
 
-_SPARSE_EF21_DENSITY = 0.05  # EF21 with a sparsifier keeping at most this much: a hint, and 1.2 with SGD
+_SPARSE_EF21_DENSITY = 0.05  # EF21 with a sparsifier keeping at most this much: a hint, and a larger step
 
 
-_SPARSE_EF21_STEP = 1.2  # EF21's estimate step there with SGD's momentum in the exchange, unless set
+#: EF21's estimate step there unless set, by the optimizer whose momentum runs in the exchange
+_SPARSE_EF21_STEP = {"sgd": 1.2, "adam": 1.1}
 
 
 def _sparse_ef21(config: "CompressionConfig") -> bool:
@@ -75,8 +76,8 @@ def sparse_ef21_hint(config: "CompressionConfig") -> str | None:
     return (
         "EF21 holds each entry of its estimate until that entry is sent again, so at a low density it steps less far "
         "than dense: with step 1 top-k 1% + ef21 trailed dense by 1.7 (SGD + momentum) and 1.4 points (AdamW) on the "
-        "digits MLP; ef21_step=None takes 1.2 with SGD's momentum in the exchange (0.6 behind), 1 otherwise; with "
-        "AdamW, 1.5x the learning rate brought it to 0.8, and feedback=ef stayed within 1 point (see the README)"
+        "digits MLP; ef21_step=None takes 1.2 with SGD's momentum in the exchange (0.6 behind), 1.1 with Adam's "
+        "(0.9 behind), 1 without an attached optimizer; feedback=ef stayed within 1 point (see the README)"
     )
 
 
@@ -108,9 +109,9 @@ class CompressionConfig:
         seed: base seed of every random choice (rand-k indices, stochastic rounding).
         diana_alpha: DIANA shift step size in (0, 1]; default ``1 / (omega + 1)``.
         ef21_step: EF21's estimate step in (0, 2): each rank's estimate moves by ``ef21_step`` times
-            its compressed message (1: the paper's EF21). ``None`` (default): 1.2 for ``topk`` and
-            ``dgc`` at 5% density or less when an attached SGD's momentum runs in the exchange,
-            else 1 (see :meth:`ef21_step_for`).
+            its compressed message (1: the paper's EF21). ``None`` (default): for ``topk`` and
+            ``dgc`` at 5% density or less, 1.2 when an attached SGD's momentum runs in the exchange
+            and 1.1 for Adam's or AdamW's; else 1 (see :meth:`ef21_step_for`).
         dgc_sample_fraction: fraction of entries ``dgc`` samples to estimate its threshold (``topk``
             samples the same fraction, at least 4096 entries, to find its exact top-k faster).
         powersgd_rank: rank ``r`` of ``powersgd``'s approximation (>= 1): an ``n x m`` gradient sends
@@ -274,28 +275,29 @@ class CompressionConfig:
             )
 
     # ----- derived ---------------------------------------------------------------------------
-    def ef21_step_for(self, sgd_momentum: bool) -> float:
-        """EF21's estimate step: ``ef21_step`` where it is set; otherwise 1.2 for ``topk``/``dgc`` at 5%
-        density or less when ``sgd_momentum`` (an attached SGD's momentum runs in the exchange), else 1.
+    def ef21_step_for(self, momentum: str | None) -> float:
+        """EF21's estimate step: ``ef21_step`` where it is set; otherwise, for ``topk``/``dgc`` at 5%
+        density or less, 1.2 when ``momentum`` is ``"sgd"`` and 1.1 when it is ``"adam"`` (the kind of
+        optimizer whose momentum runs in the exchange), and 1 everywhere else.
 
         At a low density each entry of the estimate keeps its value until it is sent again, so the
-        estimate trails the gradient and the run steps as if its rate were lower. A step of 1.2 (EF21
-        with the compressor ``1.2 * C``, still contractive) makes up for that with SGD + momentum:
-        top-k 1% + EF21 trailed dense by 1.7 points on the digits MLP with step 1, by 0.6 with 1.2, and
-        by at most 0.9 over 40 epochs (16 seeds, ``benchmarks/results/convergence_ef21_step_mlp.md``
-        and ``convergence_ef21_step_40ep_mlp.md``). With AdamW, which normalizes every coordinate's
-        step, the larger estimate step cost more late in training than it won early (1.0 over 20
-        epochs, 1.7 over 40, against 1.4 with step 1), so there it stays 1.
+        estimate trails the gradient and the run steps as if its rate were lower. A larger step (EF21
+        with the compressor ``step * C``, still contractive) makes up for that; too large, it amplifies
+        the noise of late training. On the digits MLP (16 seeds) top-k 1% + EF21 trailed dense by 1.7
+        points with SGD + momentum at step 1, by 0.6 at 1.2 (0.9 over 40 epochs); with AdamW by 1.4 at
+        step 1, 0.9 at 1.1 (also over 40 epochs) and 1.7 over 40 epochs at 1.2, where AdamW's
+        per-coordinate normalization leaves the added noise undamped
+        (``benchmarks/results/convergence_ef21_step*.md``).
 
         >>> cfg = CompressionConfig(compressor="topk", density=0.01, feedback="ef21")
-        >>> cfg.ef21_step_for(sgd_momentum=True), cfg.ef21_step_for(sgd_momentum=False)
-        (1.2, 1.0)
-        >>> cfg.replace(ef21_step=1.5).ef21_step_for(sgd_momentum=False)
+        >>> cfg.ef21_step_for("sgd"), cfg.ef21_step_for("adam"), cfg.ef21_step_for(None)
+        (1.2, 1.1, 1.0)
+        >>> cfg.replace(ef21_step=1.5).ef21_step_for(None)
         1.5
         """
         if self.ef21_step is not None:
             return float(self.ef21_step)
-        return _SPARSE_EF21_STEP if sgd_momentum and _sparse_ef21(self) else 1.0
+        return _SPARSE_EF21_STEP.get(momentum, 1.0) if _sparse_ef21(self) else 1.0
 
     @property
     def block_size_resolved(self) -> int:

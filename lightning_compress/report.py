@@ -184,11 +184,11 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
     comp = config.compressor + (f"({', '.join(details)})" if details else "")
     feedback = config.feedback
     if feedback == "ef21":  # EF21's estimate step where it is not 1 (CompressionConfig.ef21_step_for)
-        always, with_sgd = config.ef21_step_for(sgd_momentum=False), config.ef21_step_for(sgd_momentum=True)
+        always, sgd, adam = (config.ef21_step_for(kind) for kind in (None, "sgd", "adam"))
         if always != 1.0:
             feedback += f"(step={always:g})"
-        elif with_sgd != 1.0:
-            feedback += f"(step={with_sgd:g} with SGD's momentum, else 1)"
+        elif (sgd, adam) != (1.0, 1.0):
+            feedback += f"(step={sgd:g} with SGD's momentum, {adam:g} with Adam's, else 1)"
     extra = [f"min_numel={config.min_numel}", f"momentum={config.momentum}"]
     if config.warmup_steps:
         extra.append(f"warmup_steps={config.warmup_steps}")

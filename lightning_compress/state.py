@@ -197,10 +197,10 @@ class CompressionState(StateCheckpointing):
         )
 
     def ef21_step(self) -> float:
-        """EF21's estimate step now: ``config.ef21_step_for`` with whether an attached SGD's momentum runs in
-        the exchange. The hook sets it on the scheme at the start of every step."""
+        """EF21's estimate step now: ``config.ef21_step_for`` the kind of optimizer whose momentum runs in the
+        exchange (``None`` without one). The hook sets it on the scheme at the start of every step."""
         momentum = getattr(self, "momentum", None)
-        return self.config.ef21_step_for(sgd_momentum=momentum is not None and momentum.kind == "sgd")
+        return self.config.ef21_step_for(None if momentum is None else momentum.kind)
 
     def _follow_density_schedule(self) -> None:
         """Rebuild the compressor where the density warm-up changes the density at this step."""

@@ -157,7 +157,7 @@ def _resume_worker(rank, world, options):
     for _ in range(8):
         step(ddp, opt, x, y)
     full = flat(model)
-    if options["feedback"] == "ef21":  # SGD's momentum is in the exchange: 1.2 where the estimate lags
+    if options["feedback"] == "ef21":  # SGD's momentum is in the exchange: 1.2 where the estimate lags (else 1)
         assert state.feedback.step == (1.2 if options["density"] <= 0.05 else 1.0), state.feedback.step
     model, ddp, state, opt = fresh()
     for _ in range(4):

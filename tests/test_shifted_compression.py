@@ -96,7 +96,7 @@ def diana_gamma(problem: Problem, cfg: CompressionConfig) -> float:
 
 def ef21_gamma(problem: Problem, cfg: CompressionConfig) -> float:
     # EF21 with ``ef21_step`` s runs the compressor s * C, contractive with 1 - (1 - s)^2 times C's alpha.
-    a = cfg.make_compressor().alpha(problem.d) * (1.0 - (1.0 - cfg.ef21_step_for(sgd_momentum=False)) ** 2)
+    a = cfg.make_compressor().alpha(problem.d) * (1.0 - (1.0 - cfg.ef21_step_for(None)) ** 2)
     theta = 1.0 - math.sqrt(1.0 - a)
     beta = (1.0 - a) / (1.0 - math.sqrt(1.0 - a))
     return 1.0 / (problem.L + problem.L_tilde * math.sqrt(beta / theta))
@@ -196,7 +196,7 @@ def simulate(problem: Problem, cfg: CompressionConfig, gamma: float, steps: int)
     ``out, shared = result(sum_j decode_j, mem)``, then ``worker_update`` and the shared update.
     """
     comp = cfg.make_compressor()
-    fb = make_feedback(cfg.feedback, comp, diana_alpha=cfg.diana_alpha, ef21_step=cfg.ef21_step_for(sgd_momentum=False))
+    fb = make_feedback(cfg.feedback, comp, diana_alpha=cfg.diana_alpha, ef21_step=cfg.ef21_step_for(None))
     n, d = problem.n, problem.d
     w = torch.zeros(d)
     mems = [{k: torch.zeros(d) for k in fb.memory_keys} for _ in range(n)]
