@@ -77,7 +77,7 @@ def sparse_ef21_hint(config: "CompressionConfig") -> str | None:
         "EF21 holds each entry of its estimate until that entry is sent again, so at a low density it steps less far "
         "than dense: with step 1 top-k 1% + ef21 trailed dense by 1.7 (SGD + momentum) and 1.4 points (AdamW) on the "
         "digits MLP; ef21_step=None takes 1.2 with SGD's momentum in the exchange (0.6 behind), 1.1 with Adam's "
-        "(0.9 behind), 1 without an attached optimizer; feedback=ef stayed within 1 point (see the README)"
+        "(0.9 behind), 1 otherwise; feedback=ef stayed within 1 point (see the README)"
     )
 
 
