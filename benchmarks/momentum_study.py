@@ -1146,7 +1146,7 @@ def _doublesqueeze_case(name: str, world: int, n: int, block: int, steps: int) -
 def study_ef21(args, cache):
     """top-k 1% + EF21 with the paper's estimate step of 1 and the library's other defaults (look-ahead
     in the exchange, estimates from the first gradient, 100-step density warm-up), and what was tried
-    against its lag before the library's estimate step of 1.2 (``CompressionConfig.ef21_step``)."""
+    against its lag before the library's larger default estimate step (``CompressionConfig.ef21_step``)."""
     out = []
     for opt, remedy in (("sgd", "dgc"), ("adamw", "mx_b0")):
         base = Run(opt=opt, epochs=args.epochs, remedy=remedy, nesterov=True, init="first", density_warmup_steps=100)
