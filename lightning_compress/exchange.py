@@ -140,10 +140,12 @@ class DenseFlight(Flight):
 
     def __init__(self, state: CompressionState, buffer, params, grads, prepared: dict, start_memory=(), ordered=False):
         super().__init__(buffer)
-        # Divide first, as DDP's default hook does, so low-precision buckets do not overflow.
+        # s_i reads the undivided gradient (the gradient views are the bucket's own memory): form it first.
+        moved = {i: p.s for i, p in prepared.items()}
+        # Divide, as DDP's default hook does, so low-precision buckets do not overflow.
         buffer.div_(state.world_size)
-        for i, p in prepared.items():
-            grads[i].copy_(p.s.view_as(grads[i]))
+        for i, s in moved.items():
+            grads[i].copy_(s.view_as(grads[i]))
         # Feedback memory that starts from this exchange: this rank's share, before it is summed.
         shares = {i: grads[i].detach().reshape(-1).to(torch.float32, copy=True) for i in start_memory}
 

@@ -35,15 +35,17 @@ def flat(model):
 
 
 # ----- what the moved momentum computes ----------------------------------------------------------------
-def _uncompressed_worker(rank, world, ours_kwargs, mode, ref_kwargs):
-    """With nothing compressed, the moved momentum is the optimizer's own update (up to rounding)."""
+def _uncompressed_worker(rank, world, ours_kwargs, mode, ref_kwargs, warmup_steps=0):
+    """With nothing compressed, the moved momentum is the optimizer's own update (up to rounding); in
+    warm-up steps (a dense average of the whole bucket) too."""
     x, y = make_data(rank)
     ref = make_model()
     ref_ddp = DDP(ref, bucket_cap_mb=0.004)
     ref_opt = torch.optim.SGD(ref_ddp.parameters(), lr=0.05, **ref_kwargs)
     ours = make_model()
     ddp = DDP(ours, bucket_cap_mb=0.004)
-    state = register_compression(ddp, CompressionConfig(compressor="none", feedback="none", momentum=mode, **BASE))
+    cfg = CompressionConfig(compressor="none", feedback="none", momentum=mode, warmup_steps=warmup_steps, **BASE)
+    state = register_compression(ddp, cfg)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, **ours_kwargs)
     attached = attach_optimizer(state, opt)
     assert attached is not None and state.momentum is attached
@@ -72,6 +74,13 @@ CASES = {
 def test_moved_momentum_without_compression_is_the_optimizers(case):
     ours, mode, ref = CASES[case]
     run_distributed(_uncompressed_worker, ours, mode, ref)
+
+
+@pytest.mark.parametrize("case", ["sgd-heavy-ball", "sgd-lookahead-is-nesterov"])
+def test_moved_momentum_in_warmup_steps_is_the_optimizers(case):
+    """Warm-up steps average the bucket densely; the moved momentum must read the gradient once divided."""
+    ours, mode, ref = CASES[case]
+    run_distributed(_uncompressed_worker, ours, mode, ref, 3)
 
 
 def _adam_worker(rank, world):
