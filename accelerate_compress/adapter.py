@@ -288,8 +288,9 @@ def attach_prepared_optimizer(accelerator: Any, state: CompressionState) -> None
         if any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
             found.append(optimizer)
     if len(found) == 1:
-        attach_optimizer(state, found[0])
-    elif len(found) > 1 and state.config.momentum in ("lookahead", "heavy_ball"):
+        scaler = getattr(accelerator, "scaler", None)
+        attach_optimizer(state, found[0], loss_scaled=integration.current_scale(scaler) is not None)
+    elif len(found) > 1 and state.config.momentum in ("lookahead", "heavy_ball", "adam_step"):
         raise ValueError(
             f"`momentum={state.config.momentum!r}` moves one optimizer's momentum into the exchange; this model is "
             f"trained by {len(found)} optimizers. Use `momentum='optimizer'` (or 'auto', which then keeps it)."

@@ -59,7 +59,7 @@ _FIELD_HELP: dict[str, str] = {
     "ef21_step": "EF21's estimate step in (0, 2): g_i += ef21_step * C(x_i - g_i); 'none': 1.2 for topk and dgc "
     "at density <= 5% with SGD's momentum in the exchange, 1.1 with Adam's, else 1",
     "dgc_sample_fraction": "fraction of entries dgc (and topk) sample to find the threshold, in (0, 1]",
-    "momentum": "where the optimizer's momentum lives: auto, lookahead, heavy_ball or optimizer",
+    "momentum": "where the optimizer's momentum lives: auto, lookahead, heavy_ball, adam_step or optimizer",
     "powersgd_rank": "rank r of powersgd's approximation (>= 1): an n x m gradient sends (n + m) r values",
     "hierarchical": "true: dense inside a node, compressed only across nodes (false: flat)",
     "ranks_per_node": "ranks per node with --hierarchical true; 0 takes LOCAL_WORLD_SIZE",

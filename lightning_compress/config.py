@@ -23,7 +23,7 @@ __all__ = [
 
 FEEDBACKS = ("none", "ef", "ef21", "diana", "doublesqueeze")
 TRANSPORTS = ("auto", "allreduce", "allgather", "two_pass")
-MOMENTUM_MODES = ("auto", "lookahead", "heavy_ball", "optimizer")
+MOMENTUM_MODES = ("auto", "lookahead", "heavy_ball", "adam_step", "optimizer")
 TWO_PASS_FROM = 4  # ranks from which transport='auto' sends non-summable payloads in two compressed passes
 
 
@@ -118,9 +118,12 @@ class CompressionConfig:
             ``(n + m) r`` values in two allreduces; higher is closer to dense and sends more.
         momentum: where an attached optimizer's momentum lives (see :mod:`lightning_compress.momentum`):
             ``lookahead`` moves it into the exchange and sends the Nesterov look-ahead (converges
-            fastest under compression), ``heavy_ball`` moves it unchanged, ``optimizer`` leaves it
-            in the optimizer, ``auto`` is ``lookahead`` for SGD with momentum, Adam and AdamW and
-            ``optimizer`` otherwise.
+            fastest under compression), ``heavy_ball`` moves it unchanged, ``adam_step`` (Adam and
+            AdamW) runs Adam's whole step, both moments, on each rank before the exchange and
+            applies the exchanged step, ``optimizer`` leaves it in the optimizer; ``auto`` is
+            ``adam_step`` for Adam and AdamW with ``doublesqueeze`` (without a loss scaler or
+            ``amsgrad``), ``lookahead`` for SGD with momentum, Adam and AdamW otherwise, and
+            ``optimizer`` for the rest.
         hierarchical: compress only across nodes (see :mod:`lightning_compress.hierarchy`): inside a
             node the compressed tensors are summed densely (all_to_all of shards, fp32), each rank
             compresses its node's sum of one shard with its own error memory (of shard size) and

@@ -128,7 +128,10 @@ def sum_dense_async(state: CompressionState, tensor: torch.Tensor) -> torch.futu
 def commit_velocities(state: CompressionState, params, prepared: dict) -> None:
     """After a successful exchange: the momentum parameters' new velocities become theirs."""
     for i, p in prepared.items():
-        state.commit_velocity(state.param_names[id(params[i])], p.velocity)
+        name = state.param_names[id(params[i])]
+        state.commit_velocity(name, p.velocity)
+        if p.second is not None:
+            state.commit_second_moment(name, p.second)
 
 
 class DenseFlight(Flight):
@@ -298,6 +301,8 @@ def _fused_velocity(comp, fb, chosen: list[int], prepared: dict) -> Velocity | N
     """The momentum of every compressed tensor, for a compressor that forms it in its own pass;
     ``None`` when that cannot be (one velocity setting per bucket, EF-like feedback only)."""
     if not (prepared and comp.fused_velocity and fb.fused_residual) or any(i not in prepared for i in chosen):
+        return None
+    if any(prepared[i].adam is not None for i in chosen):  # adam_step divides by the second moment first
         return None
     first = prepared[chosen[0]].scalars
     if any(prepared[i].scalars != first for i in chosen):

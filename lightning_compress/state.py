@@ -64,7 +64,7 @@ class CompressionState(StateCheckpointing):
         # parameter bookkeeping
         "param_names", "param_index", "param_shapes",
         # internal state
-        "step", "memory", "server_memory", "velocity", "factors", "_pending", "_scratch", "adaptive", "_adaptive_saved",
+        "step", "memory", "server_memory", "velocity", "second_moment", "factors", "_pending", "_scratch", "adaptive", "_adaptive_saved",
         "momentum", "_momentum_saved", "pipeline", "overlap", "_adjusted",
         # the ranks' settings check: why one is due at the next step, and what was attached at the last one
         "_agreement_due", "_agreed_attachments", "started",
@@ -92,6 +92,7 @@ class CompressionState(StateCheckpointing):
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
         self.server_memory: dict[str, torch.Tensor] = {}
         self.velocity: dict[str, torch.Tensor] = {}  # the optimizer's momentum, per rank (see momentum.py)
+        self.second_moment: dict[str, torch.Tensor] = {}  # Adam's second moment, per rank (momentum="adam_step")
         self.factors: dict[str, torch.Tensor] = {}  # PowerSGD's warm-start Q per parameter (m x r, alike on all ranks)
         self.momentum = None  # an ExchangeMomentum when an optimizer's momentum is moved into the exchange
         self._momentum_saved: dict[str, Any] | None = None
@@ -135,7 +136,8 @@ class CompressionState(StateCheckpointing):
         s = self.stats
         memory = sum(t.numel() * t.element_size() for mem in self.memory.values() for t in mem.values())
         memory += sum(t.numel() * t.element_size()
-                      for t in (*self.server_memory.values(), *self.velocity.values(), *self.factors.values()))
+                      for t in (*self.server_memory.values(), *self.velocity.values(), *self.second_moment.values(),
+                                *self.factors.values()))
         parts = [
             f"{self.config.compressor}/{self.config.feedback} via {self.transport}",
             f"rank {self.rank} of {self.world_size}",
@@ -367,8 +369,12 @@ class CompressionState(StateCheckpointing):
         """Make ``velocity`` (a ``"velocity"`` scratch buffer) parameter ``name``'s momentum; recycle the old one."""
         self.commit_buffer(self.velocity, name, "velocity", velocity)
 
+    def commit_second_moment(self, name: str, second: torch.Tensor) -> None:
+        """Make ``second`` (a ``"second"`` scratch buffer) parameter ``name``'s second moment (``adam_step``)."""
+        self.commit_buffer(self.second_moment, name, "second", second)
+
     def rescale_memory(self, factor: float) -> None:
-        """Multiply every residual, shift and velocity (worker and server) by ``factor``.
+        """Multiply every residual, shift and velocity (worker and server) by ``factor``, second moments by its square.
 
         All feedback schemes are linear in their memory, which is kept in gradient units; when
         a loss scaler changes its scale, the memory must follow (exact for powers of two).
@@ -378,6 +384,8 @@ class CompressionState(StateCheckpointing):
                 tensor.mul_(factor)
         for tensor in (*self.server_memory.values(), *self.velocity.values()):
             tensor.mul_(factor)
+        for tensor in self.second_moment.values():
+            tensor.mul_(factor * factor)
 
     def _device(self) -> torch.device:
         if self.process_group is not None or (dist.is_available() and dist.is_initialized()):

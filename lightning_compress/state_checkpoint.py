@@ -39,6 +39,7 @@ class StateCheckpointing:
         tensor (``"shapes"``) and the settings a controller changed (``"adjusted"``).
         """
         saved_names = set(self.memory) | set(self.server_memory) | set(self.velocity) | set(self.factors)
+        saved_names |= set(self.second_moment)
         return {
             "format": STATE_FORMAT,
             "rank": self.rank,
@@ -50,6 +51,7 @@ class StateCheckpointing:
             "memory": {name: {k: t.detach().clone() for k, t in mem.items()} for name, mem in self.memory.items()},
             "server_memory": {name: t.detach().clone() for name, t in self.server_memory.items()},
             "velocity": {name: t.detach().clone() for name, t in self.velocity.items()},
+            "second_moment": {name: t.detach().clone() for name, t in self.second_moment.items()},
             "factors": {name: t.detach().clone() for name, t in self.factors.items()},
             "shapes": {name: list(self.param_shapes[name]) for name in sorted(saved_names & set(self.param_shapes))},
             "node_layout": self._node_layout(),
@@ -90,6 +92,7 @@ class StateCheckpointing:
         notes: list[str] = []
         memory, server_memory = self._restorable_memory(state, saved, saved_world, fmt, notes)
         velocity = self._restorable_velocity(state, saved_world, fmt, notes)
+        second_moment = self._restorable_velocity(state, saved_world, fmt, notes, "second_moment")
         factors = self._restorable_factors(state, saved, notes)
         config, pending, adjusted = self._restored_settings(state, saved)
         stats = {k: v for k, v in dict(state["stats"]).items() if k in _STATS_FIELDS}
@@ -113,6 +116,7 @@ class StateCheckpointing:
         self._follow_density_schedule()  # the density warm-up's density at the loaded step
         self._pending, self._adjusted = pending, adjusted
         self.memory, self.server_memory, self.velocity, self.factors = memory, server_memory, velocity, factors
+        self.second_moment = second_moment
         saved_momentum = state.get("momentum")
         if saved_momentum is not None:
             if self.momentum is not None:
@@ -293,16 +297,22 @@ class StateCheckpointing:
             factors[name] = t.to(device=device, dtype=torch.float32).clone()
         return factors
 
-    def _restorable_velocity(self, state, saved_world: int, fmt: int, notes: list[str]) -> dict[str, torch.Tensor]:
-        """The velocities to restore: this rank's share of the momentum, valid for one world size."""
+    def _restorable_velocity(
+        self, state, saved_world: int, fmt: int, notes: list[str], key: str = "velocity"
+    ) -> dict[str, torch.Tensor]:
+        """The velocities (or, ``key="second_moment"``, Adam's second moments; checkpoints before
+        ``adam_step`` have none) to restore: this rank's share of the momentum, valid for one world size."""
         if saved_world != self.world_size:
             return {}
         shapes, device = state.get("shapes") or {}, self._device()
         velocity = {}
-        for name, t in dict(state.get("velocity") or {}).items():
-            why = self._fit(name, {"velocity": t}, shapes, fmt)
+        for name, t in dict(state.get(key) or {}).items():
+            why = self._fit(name, {key: t}, shapes, fmt)
             if why is not None:
-                notes.append(f"velocity of {name!r}: {why}")
+                notes.append(f"{key.replace('_', ' ')} of {name!r}: {why}")
+                continue
+            if key == "second_moment" and bool((t < 0).any()):
+                notes.append(f"second moment of {name!r}: holds negative values")
                 continue
             velocity[name] = t.to(device=device, dtype=torch.float32).clone()
         return velocity

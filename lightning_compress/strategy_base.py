@@ -128,14 +128,19 @@ class _CompressionCore:
             return
         unwrapped = [getattr(o, "optimizer", o) for o in optimizers]  # LightningOptimizer, _FabricOptimizer
         if len(unwrapped) > 1:
-            if state.config.momentum in ("lookahead", "heavy_ball"):
+            if state.config.momentum in ("lookahead", "heavy_ball", "adam_step"):
                 raise ValueError(
                     f"`momentum={state.config.momentum!r}` moves one optimizer's momentum into the exchange; this run "
                     f"has {len(unwrapped)} optimizers. Use `momentum='optimizer'` (or 'auto', which then keeps it)."
                 )
             log.info("lightning_compress: %d optimizers; their momentum stays in them", len(unwrapped))
             return
-        attach_optimizer(state, unwrapped[0])
+        attach_optimizer(state, unwrapped[0], loss_scaled=self._loss_scaled())
+
+    def _loss_scaled(self) -> bool:
+        """Whether a loss scaler (fp16 ``GradScaler``) scales the gradients the exchange sees."""
+        precision = getattr(self, "precision_plugin", None) or getattr(self, "precision", None)
+        return integration.current_scale(getattr(precision, "scaler", None)) is not None
 
     def _detach_optimizers(self) -> None:
         state = self._compression_state

@@ -533,6 +533,35 @@ class _MomentumProbe(pl.Callback):
             assert state.momentum.mode == self.expected_mode and state.velocity
 
 
+class _AdamNet(Net):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+
+class _AdamStepProbe(pl.Callback):
+    """Inside every rank: AdamW's step runs before DoubleSqueeze; outside step() the optimizer shows the user's lr."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = trainer.strategy.compression_state
+        group = trainer.optimizers[0].param_groups[0]
+        assert group["lr"] == 1e-2 and group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.01
+        assert state.momentum.mode == "adam_step" and set(state.second_moment) == set(state.velocity)
+
+
+def test_strategy_runs_adams_step_before_doublesqueeze_and_resumes_exactly(tmp_path):
+    """AdamW + DoubleSqueeze (auto: ``adam_step``) through Lightning's closure; the second moments travel
+    in the checkpoint, so a resumed run continues bit for bit."""
+    options = RESUME_CASES["sign+doublesqueeze"]
+    ck = tmp_path / "ck"
+    a = flat(fit(_strategy(options), tmp_path / "a", model=_AdamNet(), callbacks=[_AdamStepProbe(), every(4, ck)]))
+    assert not torch.equal(a, flat(_AdamNet())), "the exchanged step moved the weights"
+    b = flat(fit(_strategy(options), tmp_path / "b", model=_AdamNet(), ckpt_path=str(ck / "step=4.ckpt")))
+    assert torch.equal(a, b), f"max |A - B| = {(a - b).abs().max().item()}"
+    for sd in load(ck / "step=4.ckpt")[CHECKPOINT_KEY]["ranks"]:
+        assert set(sd["second_moment"]) == {"l1.weight", "l1.bias", "l2.weight", "l2.bias"}
+        assert sd["momentum"]["mode"] == "adam_step" and sd["momentum"]["steps_taken"] == 4
+
+
 @pytest.mark.parametrize("mode,expected", [("auto", "lookahead"), ("heavy_ball", "heavy_ball"), ("optimizer", None)])
 def test_strategy_moves_sgd_momentum_into_the_exchange(mode, expected, tmp_path):
     options = dict(compressor="sign", feedback="ef", momentum=mode)

@@ -119,6 +119,49 @@ def test_adam_first_moment_in_the_exchange():
     run_distributed(_adam_worker)
 
 
+def _adam_step_worker(rank, world, adam_cls, wd):
+    """``adam_step``, nothing compressed: each rank runs Adam (look-ahead numerator) on its own gradient,
+    the exchange averages the steps and the optimizer applies ``lr`` times the average (AdamW: after its
+    decoupled decay; Adam: its L2 decay is added to the gradient before the moments)."""
+    x, y = make_data(rank)
+    model = make_model()
+    ddp = DDP(model, bucket_cap_mb=0.004)
+    state = register_compression(ddp, CompressionConfig(compressor="none", feedback="none", momentum="adam_step", **BASE))
+    lr, b1, b2, eps = 1e-2, 0.9, 0.99, 1e-8
+    opt = adam_cls(ddp.parameters(), lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    assert attach_optimizer(state, opt).mode == "adam_step"
+    decoupled = adam_cls is torch.optim.AdamW
+    ref = make_model()
+    m = [torch.zeros_like(p) for p in ref.parameters()]
+    v = [torch.zeros_like(p) for p in ref.parameters()]
+    for t in range(1, 6):
+        step(ddp, opt, x, y)
+        ref.zero_grad()
+        nn.functional.mse_loss(ref(x), y).backward()
+        with torch.no_grad():
+            for p, mi, vi in zip(ref.parameters(), m, v):
+                g = p.grad.clone() if decoupled else p.grad + wd * p  # this rank's own gradient
+                mi.mul_(b1).add_(g, alpha=1 - b1)
+                vi.mul_(b2).addcmul_(g, g, value=1 - b2)
+                own = (b1 * mi + (1 - b1) * g) / (1 - b1**t) / ((vi / (1 - b2**t)).sqrt() + eps)
+                torch.distributed.all_reduce(own)
+                if decoupled:
+                    p.mul_(1 - lr * wd)
+                p.sub_(lr * own / world)
+    torch.testing.assert_close(flat(model), flat(ref), rtol=1e-4, atol=1e-6)
+    group = opt.param_groups[0]
+    assert group["lr"] == lr and group["betas"] == (b1, b2) and group["weight_decay"] == wd
+    assert len(state.second_moment) == len(list(model.parameters())), "every parameter carries a second moment"
+    assert state.momentum.steps_taken == 5
+    both = gather_flat(model.parameters())
+    assert torch.equal(both[0], both[1])
+
+
+@pytest.mark.parametrize("adam_cls,wd", [(torch.optim.AdamW, 0.01), (torch.optim.Adam, 1e-3)], ids=["adamw", "adam-l2"])
+def test_adam_step_in_the_exchange(adam_cls, wd):
+    run_distributed(_adam_step_worker, adam_cls, wd)
+
+
 # ----- compressed: memory rules ------------------------------------------------------------------------
 def _skipped_steps_worker(rank, world):
     """A step whose gradients are not finite commits no velocity (as a skipped optimizer step keeps
@@ -152,13 +195,16 @@ def test_non_finite_steps_leave_velocity_untouched():
 def _resume_worker(rank, world, options):
     """Velocities and the step count travel in the state dict: a resumed run continues bit for bit."""
     x, y = make_data(rank)
-    cfg = CompressionConfig(**options, warmup_steps=2, **BASE)
+    cfg = CompressionConfig(**{k: v for k, v in options.items() if k != "optimizer"}, warmup_steps=2, **BASE)
 
     def fresh():
         model = make_model()
         ddp = DDP(model, bucket_cap_mb=0.004)
         state = register_compression(ddp, cfg)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        if options.get("optimizer") == "adamw":
+            opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=1e-2)
+        else:
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         attach_optimizer(state, opt)
         return model, ddp, state, opt
 
@@ -166,6 +212,8 @@ def _resume_worker(rank, world, options):
     for _ in range(8):
         step(ddp, opt, x, y)
     full = flat(model)
+    if options.get("optimizer") == "adamw":  # auto runs Adam's step before DoubleSqueeze; it is saved
+        assert state.momentum.mode == "adam_step" and state.second_moment
     if options["feedback"] == "ef21":  # SGD's momentum is in the exchange: 1.2 where the estimate lags (else 1)
         assert state.feedback.step == (1.2 if options["density"] <= 0.05 else 1.0), state.feedback.step
     model, ddp, state, opt = fresh()
@@ -188,9 +236,10 @@ def _resume_worker(rank, world, options):
         dict(compressor="topk", density=0.1, feedback="ef21"),
         dict(compressor="topk", density=0.02, feedback="ef21"),  # EF21's step 1.2 with SGD's momentum
         dict(compressor="sign", feedback="doublesqueeze"),
+        dict(compressor="sign", feedback="doublesqueeze", optimizer="adamw"),
         dict(compressor="randk", density=0.25, feedback="diana"),
     ],
-    ids=lambda o: f"{o['compressor']}{o.get('density', '')}+{o['feedback']}",
+    ids=lambda o: f"{o['compressor']}{o.get('density', '')}+{o['feedback']}{'-' + o['optimizer'] if 'optimizer' in o else ''}",
 )
 def test_resume_with_moved_momentum_is_exact(options):
     run_distributed(_resume_worker, options)
@@ -212,6 +261,47 @@ def test_auto_moves_sgd_momentum_and_adam_first_moment():
         resolve_mode("lookahead", torch.optim.SGD(p, lr=0.1, momentum=0.9, maximize=True))
     with pytest.raises(ValueError, match="`momentum` must be one of"):
         CompressionConfig(momentum="nesterov")
+
+
+def test_auto_runs_adams_step_before_doublesqueeze_only():
+    p = [nn.Parameter(torch.zeros(2))]
+    adamw = torch.optim.AdamW(p)
+    ds = CompressionConfig(compressor="sign", feedback="doublesqueeze")
+    assert resolve_mode("auto", adamw, ds) == "adam_step"
+    assert resolve_mode("auto", adamw, CompressionConfig(compressor="topk", feedback="doublesqueeze")) == "adam_step"
+    assert resolve_mode("auto", torch.optim.Adam(p), ds) == "adam_step"
+    for other in ("compressor=sign,feedback=ef", "compressor=topk,density=0.01,feedback=ef",
+                  "compressor=topk,density=0.01,feedback=ef21", "compressor=randk,feedback=diana"):  # fmt: skip
+        assert resolve_mode("auto", adamw, CompressionConfig.from_string(other)) == "lookahead", other
+    assert resolve_mode("auto", adamw) == "lookahead"  # no config: nothing known about the exchange
+    assert resolve_mode("auto", torch.optim.SGD(p, lr=0.1, momentum=0.9), ds) == "lookahead"
+    # where the exchanged step would be wrong, auto keeps the look-ahead and an explicit request is refused
+    assert resolve_mode("auto", adamw, ds, loss_scaled=True) == "lookahead"
+    assert resolve_mode("auto", torch.optim.AdamW(p, amsgrad=True), ds) == "lookahead"
+    assert resolve_mode("auto", adamw, ds, outside=True) == "lookahead"
+    assert resolve_mode("adam_step", adamw, CompressionConfig(compressor="topk", feedback="ef21")) == "adam_step"
+    with pytest.raises(ValueError, match="loss scaler"):
+        resolve_mode("adam_step", adamw, ds, loss_scaled=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        resolve_mode("adam_step", torch.optim.AdamW(p, amsgrad=True), ds)
+    with pytest.raises(ValueError, match="outside"):
+        resolve_mode("adam_step", adamw, ds, outside=True)
+    with pytest.raises(ValueError, match="SGD"):
+        resolve_mode("adam_step", torch.optim.SGD(p, lr=0.1, momentum=0.9))
+
+
+def test_adam_step_keeps_lookahead_for_an_optimizer_with_parameters_outside_the_model():
+    from lightning_compress.state import CompressionState
+
+    model = make_model()
+    named = list(model.named_parameters())
+    cfg = CompressionConfig(compressor="sign", feedback="doublesqueeze", **BASE)
+    state = CompressionState(cfg, {id(p): n for n, p in named}, param_shapes={n: p.shape for n, p in named})
+    assert attach_optimizer(state, torch.optim.AdamW(model.parameters())).mode == "adam_step"
+    state.momentum.detach()
+    state.momentum = None
+    extra = nn.Parameter(torch.zeros(3))
+    assert attach_optimizer(state, torch.optim.AdamW([*model.parameters(), extra])).mode == "lookahead"
 
 
 def _closure_worker(rank, world):
@@ -275,3 +365,93 @@ def _fused_worker(rank, world):
 
 def test_velocity_fused_into_the_compressor_gives_the_same_bits():
     run_distributed(_fused_worker)
+
+
+def test_saved_second_moments_are_restored_and_bad_ones_start_afresh():
+    """Adam's second moments (``adam_step``) travel in the state dict; one that is negative, not finite
+    or of another shape is dropped with a warning (it would start from the next gradient's square)."""
+    from lightning_compress.state import CompressionState
+
+    model = make_model()
+    named = list(model.named_parameters())
+    cfg = CompressionConfig(compressor="sign", feedback="doublesqueeze", **BASE)
+
+    def fresh():
+        return CompressionState(cfg, {id(p): n for n, p in named}, param_shapes={n: p.shape for n, p in named})
+
+    state = fresh()
+    state.second_moment = {n: torch.rand(p.numel()) for n, p in named}
+    sd = state.state_dict()
+    other = fresh()
+    other.load_state_dict(sd)
+    assert other.second_moment.keys() == state.second_moment.keys()
+    assert all(torch.equal(other.second_moment[n], t) for n, t in state.second_moment.items())
+    bad = dict(sd, second_moment={**sd["second_moment"]})
+    bad["second_moment"]["0.weight"] = -bad["second_moment"]["0.weight"]
+    bad["second_moment"]["2.weight"] = torch.full_like(bad["second_moment"]["2.weight"], float("nan"))
+    bad["second_moment"]["4.weight"] = torch.ones(3)
+    other = fresh()
+    with pytest.warns(UserWarning, match="second moment of '0.weight': holds negative values") as caught:
+        other.load_state_dict(bad)
+    text = str(caught[0].message)
+    assert "second moment of '2.weight'" in text and "second moment of '4.weight'" in text
+    assert set(other.second_moment) == set(state.second_moment) - {"0.weight", "2.weight", "4.weight"}
+    older = {k: v for k, v in sd.items() if k != "second_moment"}  # a checkpoint from before adam_step
+    other = fresh()
+    other.load_state_dict(older)
+    assert other.second_moment == {}
+
+
+def test_adam_step_without_a_saved_second_moment_starts_from_the_gradients_square():
+    """First step: v = (1 - b2) x^2, Adam's own start. Later (a checkpoint from before ``adam_step``):
+    v = (1 - b2^t) x^2, whose bias-corrected value is x^2, so the step is not blown up by a zero v."""
+    from lightning_compress.momentum import ExchangeMomentum
+    from lightning_compress.state import CompressionState
+
+    p = nn.Parameter(torch.zeros(8))
+    cfg = CompressionConfig(compressor="sign", feedback="doublesqueeze", **BASE)
+    state = CompressionState(cfg, {id(p): "w"}, param_shapes={"w": p.shape})
+    opt = torch.optim.AdamW([p], betas=(0.9, 0.99))
+    moved = ExchangeMomentum(state, opt, "adam_step")
+    grad = torch.linspace(-1, 1, 8)
+    for taken in (0, 10):
+        moved.steps_taken = taken
+        prepared = moved.prepare(state, "w", p, grad, 1)
+        s = prepared.s
+        t = taken + 1
+        torch.testing.assert_close(prepared.second, (1 - 0.99**t) * grad * grad)
+        u = (1 - 0.9) * grad  # the velocity's first step (no saved velocity either)
+        expected = (0.9 * u + 0.1 * grad) / (1 - 0.9**t) / (grad.abs() + 1e-8)
+        torch.testing.assert_close(s, expected)
+
+
+class _Scaler:
+    """A loss scaler as the integrations see one (torch.amp.GradScaler's interface)."""
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return 65536.0
+
+
+def test_integrations_keep_the_lookahead_under_a_loss_scaler():
+    """``adam_step`` needs unscaled gradients: Accelerate's ``enable()`` and the strategies pass whether a
+    GradScaler is on, and ``auto`` then keeps the look-ahead for AdamW + DoubleSqueeze."""
+    from types import SimpleNamespace
+
+    from accelerate_compress.adapter import attach_prepared_optimizer
+    from lightning_compress.state import CompressionState
+    from lightning_compress.strategy import CompressedDDPStrategy
+
+    model = make_model()
+    named = list(model.named_parameters())
+    cfg = CompressionConfig(compressor="sign", feedback="doublesqueeze", **BASE)
+    for scaler, mode in ((_Scaler(), "lookahead"), (None, "adam_step")):
+        state = CompressionState(cfg, {id(p): n for n, p in named}, param_shapes={n: p.shape for n, p in named})
+        accelerator = SimpleNamespace(scaler=scaler, _optimizers=[torch.optim.AdamW(model.parameters())])
+        attach_prepared_optimizer(accelerator, state)
+        assert state.momentum.mode == mode
+        state.momentum.detach()
+        strategy = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+        assert CompressedDDPStrategy._loss_scaled(strategy) is (scaler is not None)
