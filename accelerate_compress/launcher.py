@@ -56,8 +56,8 @@ _FIELD_HELP: dict[str, str] = {
     "block_size": "elements per scale of sign/qsgd/terngrad; larger compresses more; 'none': 1024, 256 with doublesqueeze",
     "seed": "base seed of every random choice (rand-k indices, stochastic rounding)",
     "diana_alpha": "DIANA shift step size in (0, 1], or 'none' for 1 / (omega + 1)",
-    "ef21_step": "EF21's estimate step in (0, 2): g_i += ef21_step * C(x_i - g_i); 'none': 1.2 for topk and dgc "
-    "at density <= 5% with SGD's momentum in the exchange, 1.1 with Adam's, else 1",
+    "ef21_step": "EF21's estimate step in (0, 2): g_i += ef21_step * C(x_i - g_i); 'none': 1.1 for topk and dgc "
+    "at density <= 5% with an optimizer's momentum in the exchange, else 1",
     "dgc_sample_fraction": "fraction of entries dgc (and topk) sample to find the threshold, in (0, 1]",
     "momentum": "where the optimizer's momentum lives: auto, lookahead, heavy_ball, adam_step or optimizer",
     "powersgd_rank": "rank r of powersgd's approximation (>= 1): an n x m gradient sends (n + m) r values",

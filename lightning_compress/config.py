@@ -61,7 +61,7 @@ _SPARSE_EF21_DENSITY = 0.05  # EF21 with a sparsifier keeping at most this much:
 
 
 #: EF21's estimate step there unless set, by the optimizer whose momentum runs in the exchange
-_SPARSE_EF21_STEP = {"sgd": 1.2, "adam": 1.1}
+_SPARSE_EF21_STEP = {"sgd": 1.1, "adam": 1.1}
 
 
 def _sparse_ef21(config: "CompressionConfig") -> bool:
@@ -75,9 +75,9 @@ def sparse_ef21_hint(config: "CompressionConfig") -> str | None:
         return None
     return (
         "EF21 holds each entry of its estimate until that entry is sent again, so at a low density it steps less far "
-        "than dense: with step 1 top-k 1% + ef21 trailed dense by 1.7 (SGD + momentum) and 1.4 points (AdamW) on the "
-        "digits MLP; ef21_step=None takes 1.2 with SGD's momentum in the exchange (0.6 behind), 1.1 with Adam's "
-        "(0.9 behind), 1 otherwise; feedback=ef stayed within 1 point (see the README)"
+        "than dense: with step 1 top-k 1% + ef21 trailed dense by 1.8 (SGD + momentum) and 1.2 points (AdamW) on the "
+        "digits MLP; ef21_step=None takes 1.1 with an optimizer's momentum in the exchange (0.7 behind with SGD, "
+        "0.9 with AdamW, over 40 epochs), 1 otherwise; feedback=ef stayed within 1 point (see the README)"
     )
 
 
@@ -110,8 +110,8 @@ class CompressionConfig:
         diana_alpha: DIANA shift step size in (0, 1]; default ``1 / (omega + 1)``.
         ef21_step: EF21's estimate step in (0, 2): each rank's estimate moves by ``ef21_step`` times
             its compressed message (1: the paper's EF21). ``None`` (default): for ``topk`` and
-            ``dgc`` at 5% density or less, 1.2 when an attached SGD's momentum runs in the exchange
-            and 1.1 for Adam's or AdamW's; else 1 (see :meth:`ef21_step_for`).
+            ``dgc`` at 5% density or less, 1.1 when an attached optimizer's momentum (SGD's, Adam's
+            or AdamW's) runs in the exchange; else 1 (see :meth:`ef21_step_for`).
         dgc_sample_fraction: fraction of entries ``dgc`` samples to estimate its threshold (``topk``
             samples the same fraction, at least 4096 entries, to find its exact top-k faster).
         powersgd_rank: rank ``r`` of ``powersgd``'s approximation (>= 1): an ``n x m`` gradient sends
@@ -280,21 +280,20 @@ class CompressionConfig:
     # ----- derived ---------------------------------------------------------------------------
     def ef21_step_for(self, momentum: str | None) -> float:
         """EF21's estimate step: ``ef21_step`` where it is set; otherwise, for ``topk``/``dgc`` at 5%
-        density or less, 1.2 when ``momentum`` is ``"sgd"`` and 1.1 when it is ``"adam"`` (the kind of
-        optimizer whose momentum runs in the exchange), and 1 everywhere else.
+        density or less, 1.1 when ``momentum`` is ``"sgd"`` or ``"adam"`` (the kind of optimizer whose
+        momentum runs in the exchange), and 1 everywhere else.
 
         At a low density each entry of the estimate keeps its value until it is sent again, so the
         estimate trails the gradient and the run steps as if its rate were lower. A larger step (EF21
         with the compressor ``step * C``, still contractive) makes up for that; too large, it amplifies
-        the noise of late training. On the digits MLP (16 seeds) top-k 1% + EF21 trailed dense by 1.7
-        points with SGD + momentum at step 1, by 0.6 at 1.2 (0.9 over 40 epochs); with AdamW by 1.4 at
-        step 1, 0.9 at 1.1 (also over 40 epochs) and 1.7 over 40 epochs at 1.2, where AdamW's
-        per-coordinate normalization leaves the added noise undamped
+        the noise of late training. On the digits MLP (16 seeds, the largest gap from epoch 5 to 40)
+        top-k 1% + EF21 trailed dense by 1.8 points with SGD + momentum at step 1, by 0.7 at 1.1 and
+        1.1 at 1.2; with AdamW by 1.2 at step 1, 0.9 at 1.1 and 1.7 at 1.2
         (``benchmarks/results/convergence_ef21_step*.md``).
 
         >>> cfg = CompressionConfig(compressor="topk", density=0.01, feedback="ef21")
         >>> cfg.ef21_step_for("sgd"), cfg.ef21_step_for("adam"), cfg.ef21_step_for(None)
-        (1.2, 1.1, 1.0)
+        (1.1, 1.1, 1.0)
         >>> cfg.replace(ef21_step=1.5).ef21_step_for(None)
         1.5
         """

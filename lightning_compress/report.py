@@ -187,6 +187,8 @@ def settings_text(config: CompressionConfig, transport: str | None = None) -> st
         always, sgd, adam = (config.ef21_step_for(kind) for kind in (None, "sgd", "adam"))
         if always != 1.0:
             feedback += f"(step={always:g})"
+        elif sgd == adam != 1.0:
+            feedback += f"(step={sgd:g} with an optimizer's momentum in the exchange, else 1)"
         elif (sgd, adam) != (1.0, 1.0):
             feedback += f"(step={sgd:g} with SGD's momentum, {adam:g} with Adam's, else 1)"
     extra = [f"min_numel={config.min_numel}", f"momentum={config.momentum}"]

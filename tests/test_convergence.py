@@ -21,7 +21,7 @@ SEEDS = (0, 1, 2)
 EPOCHS = 5
 # The defaults as a user gets them: DoubleSqueeze with 256 elements per scale, top-k with DGC's density
 # warm-up over its first 100 steps (without it, top-k 1% + ef with AdamW reached 88.0% after 5 epochs),
-# EF21 on top-k 1% with its estimate step of 1.2 (with the paper's 1, SGD reached 91.5% against 95.5%).
+# EF21 on top-k 1% with its estimate step of 1.1 (with the paper's 1, SGD reached 91.5% against 95.5%).
 CONFIGS = (
     "compressor=sign,feedback=ef",
     "compressor=topk,density=0.01,feedback=ef",

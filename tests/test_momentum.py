@@ -214,8 +214,8 @@ def _resume_worker(rank, world, options):
     full = flat(model)
     if options.get("optimizer") == "adamw":  # auto runs Adam's step before DoubleSqueeze; it is saved
         assert state.momentum.mode == "adam_step" and state.second_moment
-    if options["feedback"] == "ef21":  # SGD's momentum is in the exchange: 1.2 where the estimate lags (else 1)
-        assert state.feedback.step == (1.2 if options["density"] <= 0.05 else 1.0), state.feedback.step
+    if options["feedback"] == "ef21":  # SGD's momentum is in the exchange: 1.1 where the estimate lags (else 1)
+        assert state.feedback.step == (1.1 if options["density"] <= 0.05 else 1.0), state.feedback.step
     model, ddp, state, opt = fresh()
     for _ in range(4):
         step(ddp, opt, x, y)
@@ -234,7 +234,7 @@ def _resume_worker(rank, world, options):
     [
         dict(compressor="topk", density=0.1, feedback="ef"),
         dict(compressor="topk", density=0.1, feedback="ef21"),
-        dict(compressor="topk", density=0.02, feedback="ef21"),  # EF21's step 1.2 with SGD's momentum
+        dict(compressor="topk", density=0.02, feedback="ef21"),  # EF21's step 1.1 with SGD's momentum
         dict(compressor="sign", feedback="doublesqueeze"),
         dict(compressor="sign", feedback="doublesqueeze", optimizer="adamw"),
         dict(compressor="randk", density=0.25, feedback="diana"),
