@@ -10,7 +10,11 @@ the same way in the same process, right after each configuration, and every figu
 median over the timed steps of rank 0.
 
     python benchmarks/hook_cpu.py [--models mlp,blocks] [--configs "compressor=sign,feedback=ef;..."]
-                                  [--steps 10] [--out benchmarks/results/hook_cpu.md]
+                                  [--steps 10] [--optimizer sgd|adamw] [--out benchmarks/results/hook_cpu.md]
+
+``--optimizer adamw`` trains with AdamW attached to the exchange (``attach_optimizer``), so the
+hook also runs the optimizer's moved momentum (or, with ``momentum=adam_step``, Adam's step);
+the default is plain SGD, nothing attached.
 
 Goals (1 thread, 25M elements): sign+ef at most 4x one ``add_``, top-k 1% + ef at most 8x.
 """
@@ -90,13 +94,17 @@ def add_seconds(numel: int, repeats: int = 7) -> float:
 
 
 def run_config(model_name: str, cfg: str, args, rank: int, meter: CpuMeter) -> dict:
-    from lightning_compress import register_compression
+    from lightning_compress import attach_optimizer, register_compression
 
     model = make_model(model_name, args.quick)
     numel = sum(p.numel() for p in model.parameters())
     ddp = DistributedDataParallel(model)
     state = register_compression(ddp, steady_state(cfg))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        attach_optimizer(state, opt)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
     batches = random_batches(model, args.batch, rank)
     cpu, encode, decode = [], [], []
     for i in range(args.warmup + args.steps):
@@ -145,7 +153,8 @@ def report(rows: list[dict], args, world: int) -> str:
         "# Hook CPU time per step",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} (torch {torch.__version__}); "
-        f"{world} gloo ranks on 127.0.0.1, 1 intra-op thread each.",
+        f"{world} gloo ranks on 127.0.0.1, 1 intra-op thread each; optimizer: "
+        + ("AdamW, attached to the exchange." if args.optimizer == "adamw" else "SGD without momentum, nothing attached."),
         f"Command: `python benchmarks/hook_cpu.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
         f"CPU time (`time.thread_time`) of the hook's own work per step: the hook calls, the later passes "
@@ -176,6 +185,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="small models (a smoke run)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="adamw: attached to the exchange")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hook_cpu.md"))
     args = p.parse_args(argv)
     mp.start_processes(worker, args=(args.world, free_port(), args, args.out), nprocs=args.world, start_method="spawn")

@@ -84,8 +84,9 @@ class Prepared:
         self._s_buffer = s_buffer
         self._s: torch.Tensor | None = None
         # adam_step only: the committed second moment (or None), where the new one goes, and
-        # b2, bc2 (1 - b2**t), eps (already divided by the world size), world, and start (the
-        # fraction of x**2 an absent second moment starts from: 0 on the first step).
+        # b2, bc2 (1 - b2**t), eps (already divided by the world size), world, start (the
+        # fraction of x**2 an absent second moment starts from: 0 on the first step) and work
+        # (a scratch buffer).
         self.v_old: torch.Tensor | None = None
         self.second: torch.Tensor | None = None
         self.adam: dict | None = None
@@ -101,9 +102,12 @@ class Prepared:
         return self._s
 
     def _divide_by_second_moment(self, s: torch.Tensor) -> None:
-        """``adam_step``: update the second moment from this step's ``x_i`` and turn ``s`` into Adam's step."""
+        """``adam_step``: update the second moment from this step's ``x_i`` and turn ``s`` into Adam's step.
+
+        In the ``work`` scratch buffer, without temporaries (a fresh tensor of a large parameter's
+        size costs its page faults at every step)."""
         a, sc = self.adam, self.scalars
-        x = self.grad.to(torch.float32) * sc["xs"]
+        x = torch.mul(self.grad, sc["xs"], out=a["work"])
         if self.p is not None:
             x.add_(self.p, alpha=sc["wds"])
         v = self.second
@@ -112,8 +116,10 @@ class Prepared:
         else:  # the first step (start 0), or a run resumed without one: as if x**2 had always been seen
             torch.mul(x, x, out=v).mul_(a["start"] * a["b2"])
         v.addcmul_(x, x, value=1.0 - a["b2"])
-        denom = torch.div(v, a["bc2"]).sqrt_().add_(a["eps"])
-        s.div_(denom).div_(a["world"])
+        # s / world / (sqrt(v / bc2) + eps) = s / (sqrt(v * world**2 / bc2) + eps * world)
+        world = a["world"]
+        denom = torch.mul(v, world * world / a["bc2"], out=x).sqrt_().add_(a["eps"] * world)
+        s.div_(denom)
 
 
 def _kind(optimizer: torch.optim.Optimizer) -> str | None:
@@ -265,7 +271,7 @@ class ExchangeMomentum:
             prepared.second = state.scratch(name, "second", n, grad.device)
             t = self.steps_taken + 1
             prepared.adam = dict(b2=b2, bc2=1.0 - b2**t, eps=float(group["eps"]) / world, world=float(world),
-                                 start=1.0 - b2 ** (t - 1))  # fmt: skip
+                                 start=1.0 - b2 ** (t - 1), work=state.scratch(name, "adam_work", n, grad.device))  # fmt: skip
         return prepared
 
     # ----- the optimizer side -------------------------------------------------------------------
