@@ -181,7 +181,8 @@ def report(runs: list[dict], args) -> str:
         + (", learning rate decayed to 0 by a cosine schedule over the run" if args.schedule == "cosine" else "")
         + "; mean over "
         f"seeds {', '.join(map(str, args.seeds))} (min-max in brackets). The optimizer's momentum goes where "
-        "`momentum=auto` puts it: into the exchange with the look-ahead, for SGD with momentum and for AdamW "
+        "`momentum=auto` puts it: into the exchange with the look-ahead, for SGD with momentum and for AdamW; "
+        "with DoubleSqueeze, AdamW's whole step (`adam_step`) runs on each rank before the exchange "
         "(`lightning_compress/momentum.py`). *Gap* is the largest shortfall of the mean "
         "against dense at any epoch from 5 on (goal: at most 1 point on digits' MLP, 2 on the CNN).",
     ]

@@ -44,7 +44,10 @@ Remedies (``--remedy``): where momentum lives relative to the compression.
   ``g_hat = (M_t - beta1 M_{t-1}) / (1 - beta1)``), ``mx_b0`` (the same exchange, the hook hands
   ``M / (1 - beta1^t)`` to an unmodified ``torch.optim.AdamW`` whose ``betas`` are set to
   ``(0, beta2)``, so its second moment tracks the exchanged momentum; with ``--nesterov`` the
-  exchange carries NAdam's look-ahead ``beta1 m_i + (1 - beta1) x_i``).
+  exchange carries NAdam's look-ahead ``beta1 m_i + (1 - beta1) x_i``), ``adam_step`` (the library's
+  ``momentum="adam_step"``: each rank runs Adam's whole step on its own gradient, both moments and
+  the look-ahead numerator, the exchange carries that step divided by N, and the optimizer applies
+  ``p -= lr * result`` after AdamW's decoupled decay).
 * Warm-ups: ``warmup`` dense steps (the hook's ``warmup_steps``: memory untouched, the remedy's
   momentum still updated), or ``density_warmup`` epochs of DGC's exponentially falling density
   (25%, 6.25%, 1.5625%, ... never below the target) for top-k, or ``density_warmup_steps``: the
@@ -404,6 +407,19 @@ class Hook:
             return res / eta
         # AdamW remedies -------------------------------------------------------------------
         b1 = m
+        if remedy == "adam_step":
+            if name not in self.local:
+                self.local[name] = [(torch.zeros_like(xs[0]), torch.zeros_like(xs[0])) for _ in range(N)]
+            bc1, bc2 = 1 - b1 ** (t + 1), 1 - BETA2 ** (t + 1)
+            ins = []
+            for r in range(N):
+                mi, vi = self.local[name][r]
+                g = xs[r] * N  # this rank's own gradient
+                mi.mul_(b1).add_(g, alpha=1 - b1)
+                vi.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
+                ins.append((b1 * mi + (1 - b1) * g) / bc1 / ((vi / bc2).sqrt() + EPS) / N)
+            self.kinds[name] = "step"
+            return self._exchange(name, ins, t)[0]
         if remedy == "onebit":
             if name not in self.shared:
                 self.shared[name] = torch.zeros_like(xs[0])
@@ -472,6 +488,8 @@ class CustomAdamW:
                 p.addcdiv_(st["m"], denom, value=-lr / bc1)
             elif kind == "onebit":
                 p.addcdiv_(g, st["denom"], value=-lr / bc1)
+            elif kind == "step":  # adam_step: the exchanged step, applied as it is
+                p.add_(g, alpha=-lr)
             elif kind == "mx":
                 ghat = (g - b1 * st["M_prev"]) / (1 - b1)
                 st["M_prev"] = g.clone()
@@ -1162,6 +1180,17 @@ def study_ef21(args, cache):
     return out
 
 
+def study_adamstep(args, cache):
+    """AdamW with the four schemes: the first moment in the exchange (look-ahead, Adam's second moment
+    after the exchange) against Adam's whole step on each rank before it (``momentum="adam_step"``)."""
+    base = Run(opt="adamw", epochs=args.epochs, nesterov=True, init="first", density_warmup_steps=100)
+    rows = [
+        ("look-ahead first moment, second moment after the exchange", {"remedy": "mx_b0"}),
+        ("Adam's whole step before the exchange (adam_step)", {"remedy": "adam_step"}),
+    ]
+    return [grid(args, base, rows, MAIN_SCHEMES, cache, "AdamW lr 1e-3: where Adam's second moment is applied")]
+
+
 def study_ef21step(args, cache):
     """top-k 1% + EF21 with the library's defaults otherwise, EF21's estimate step and schedules of it,
     over 40 epochs (the larger step's cost comes late)."""
@@ -1185,6 +1214,7 @@ STUDIES = {
     "main": study_main,
     "ef21": study_ef21,
     "ef21step": study_ef21step,
+    "adamstep": study_adamstep,
     "close": study_close,
     "init": study_init,
     "ds": study_ds,
@@ -1216,7 +1246,8 @@ def main(argv=None) -> None:
         "paper, paper vs library on digits, lr sweep), extra (weight decay in the exchange, "
         "warm-up, longer 1-bit Adam warm-up), equiv (DGC+EF21 vs EF21-SGDM, zero init), "
         "ef21 (top-k 1% + EF21 with step 1 and the library's other defaults: EControl, the velocity, longer "
-        "density warm-ups), ef21step (EF21's estimate step and schedules of it, 40 epochs).\n"
+        "density warm-ups), ef21step (EF21's estimate step and schedules of it, 40 epochs), adamstep (AdamW: "
+        "the second moment after the exchange or Adam's whole step before it).\n"
         "examples:\n"
         "  python benchmarks/momentum_study.py                      # the main tables (about 9 min on 1 core)\n"
         "  python benchmarks/momentum_study.py --study ds init extra\n"

@@ -188,7 +188,7 @@ def adam_step_suits(config: Any) -> bool:
     (16 seeds) that took the largest gap to dense from epoch 5 from 1.2 to 0.4 points. Elsewhere the
     look-ahead stays: it already keeps up there, and ``adam_step`` divides by per-rank second moments,
     not by the average gradient's (sign + ef: 1.0 to 0.3, but 0.4 to 0.6 on the CNN; top-k 1% + ef:
-    0.6 to 0.9; top-k 1% + EF21 in ``benchmarks/momentum_study.py``: 1.2 to 4.0)."""
+    0.6 to 0.8; top-k 1% + EF21 in ``benchmarks/momentum_study.py``: 1.2 to 4.0)."""
     return config is not None and config.feedback == "doublesqueeze"
 
 
