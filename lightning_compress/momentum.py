@@ -84,9 +84,8 @@ class Prepared:
         self._s_buffer = s_buffer
         self._s: torch.Tensor | None = None
         # adam_step only: the committed second moment (or None), where the new one goes, and
-        # b2, bc2 (1 - b2**t), eps (already divided by the world size), world, start (the
-        # fraction of x**2 an absent second moment starts from: 0 on the first step) and work
-        # (a scratch buffer).
+        # b2, bc2 (1 - b2**t), eps, world, start (the fraction of x**2 an absent second moment
+        # starts from: 0 on the first step) and work (a scratch buffer).
         self.v_old: torch.Tensor | None = None
         self.second: torch.Tensor | None = None
         self.adam: dict | None = None
@@ -116,9 +115,8 @@ class Prepared:
         else:  # the first step (start 0), or a run resumed without one: as if x**2 had always been seen
             torch.mul(x, x, out=v).mul_(a["start"] * a["b2"])
         v.addcmul_(x, x, value=1.0 - a["b2"])
-        # s / world / (sqrt(v / bc2) + eps) = s / (sqrt(v * world**2 / bc2) + eps * world)
-        world = a["world"]
-        denom = torch.mul(v, world * world / a["bc2"], out=x).sqrt_().add_(a["eps"] * world)
+        # with x = g / world: s / world / (sqrt(v / bc2) + eps / world) = s / (sqrt(v * world**2 / bc2) + eps)
+        denom = torch.mul(v, a["world"] ** 2 / a["bc2"], out=x).sqrt_().add_(a["eps"])
         s.div_(denom)
 
 
@@ -270,7 +268,7 @@ class ExchangeMomentum:
             prepared.v_old = v_old if v_old is not None and v_old.numel() == n else None
             prepared.second = state.scratch(name, "second", n, grad.device)
             t = self.steps_taken + 1
-            prepared.adam = dict(b2=b2, bc2=1.0 - b2**t, eps=float(group["eps"]) / world, world=float(world),
+            prepared.adam = dict(b2=b2, bc2=1.0 - b2**t, eps=float(group["eps"]), world=float(world),
                                  start=1.0 - b2 ** (t - 1), work=state.scratch(name, "adam_work", n, grad.device))  # fmt: skip
         return prepared
 
