@@ -455,3 +455,31 @@ def test_integrations_keep_the_lookahead_under_a_loss_scaler():
         state.momentum.detach()
         strategy = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
         assert CompressedDDPStrategy._loss_scaled(strategy) is (scaler is not None)
+
+
+def _adam_step_odd_model_worker(rank, world):
+    """``adam_step`` on an awkward model: bf16 weights, a frozen layer, a weight tied to two uses.
+    Training stays finite, the replicas identical, the frozen layer untouched."""
+    x, y = make_data(rank)
+    torch.manual_seed(0)
+    shared = nn.Linear(48, 48)
+    model = nn.Sequential(nn.Linear(16, 48), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(48, 4))
+    model[0].requires_grad_(False)
+    model = model.to(torch.bfloat16)
+    frozen = model[0].weight.detach().clone()
+    ddp = DDP(model, bucket_cap_mb=0.004)
+    state = register_compression(ddp, CompressionConfig(compressor="sign", feedback="doublesqueeze", **BASE))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert attach_optimizer(state, opt).mode == "adam_step"
+    start = flat(model).clone()
+    for _ in range(5):
+        step(ddp, opt, x.to(torch.bfloat16), y.to(torch.bfloat16))
+    both = gather_flat(model.parameters())
+    assert torch.isfinite(both[0].float()).all() and torch.equal(both[0], both[1])
+    assert torch.equal(model[0].weight, frozen) and not torch.equal(flat(model), start)
+    assert all(t.dtype == torch.float32 for t in state.second_moment.values())
+    assert "0.weight" not in state.second_moment and "2.weight" in state.second_moment
+
+
+def test_adam_step_with_bf16_weights_a_frozen_layer_and_a_tied_weight():
+    run_distributed(_adam_step_odd_model_worker)
