@@ -1,6 +1,6 @@
 """Accuracy per epoch of compressed against dense DDP, with SGD + momentum and AdamW.
 
-Trains on 2 gloo ranks (plain DDP, ``register_compression`` + ``attach_optimizer`` as the
+Trains on 2 gloo ranks (``--world`` for more; plain DDP, ``register_compression`` + ``attach_optimizer`` as the
 Lightning and Fabric strategies and Accelerate's ``enable()`` do), each rank on a fixed half
 of scikit-learn's digits (reshuffled within the half every epoch), batch 32 per rank, and
 records the test accuracy after every epoch and the bytes each rank sent. Two models: the
@@ -9,7 +9,7 @@ over seeds.
 
     python benchmarks/convergence.py [--tasks mlp,cnn] [--optimizers sgd,adamw] [--seeds 0,1,2]
                                      [--epochs 20] [--configs "compressor=sign,feedback=ef;..."]
-                                     [--schedule constant|cosine] [--out benchmarks/results/convergence]
+                                     [--schedule constant|cosine] [--world 2] [--out benchmarks/results/convergence]
 
 Writes ``<out>.md`` (tables at epochs 2, 5, 10 and 20, and the largest shortfall against dense
 from epoch 5 on), ``<out>.json`` and, with matplotlib, ``<out>.png`` (accuracy against epochs
@@ -160,6 +160,10 @@ def largest_gap(reference: list[float], curve: list[float]) -> float:
     return max((100 * (d - a) for d, a in list(zip(reference, curve))[4:]), default=float("nan"))
 
 
+def _world(args) -> int:
+    return getattr(args, "world", 2)
+
+
 def _training_command() -> str:
     """This run's arguments, without ``--from-json`` (the command that trains), shell-quoted."""
     return " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--from-json")
@@ -174,15 +178,16 @@ def report(runs: list[dict], args) -> str:
         "# Convergence: test accuracy per epoch, compressed against dense",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} (torch {torch.__version__}); "
-        "2 gloo ranks, 1 thread each.",
+        f"{_world(args)} gloo ranks, 1 thread each.",
         f"Command: `python benchmarks/convergence.py {_training_command()}`".rstrip(),
         "",
-        f"Digits, each rank a fixed half of the training set, batch 32 per rank, {args.epochs} epochs"
+        f"Digits, each rank a fixed {'half' if _world(args) == 2 else f'1/{_world(args)}'} of the training set, "
+        f"batch 32 per rank, {args.epochs} epochs"
         + (", learning rate decayed to 0 by a cosine schedule over the run" if args.schedule == "cosine" else "")
         + "; mean over "
         f"seeds {', '.join(map(str, args.seeds))} (min-max in brackets). The optimizer's momentum goes where "
         "`momentum=auto` puts it: into the exchange with the look-ahead, for SGD with momentum and for AdamW; "
-        "with DoubleSqueeze, AdamW's whole step (`adam_step`) runs on each rank before the exchange "
+        "with DoubleSqueeze on 2 ranks, AdamW's whole step (`adam_step`) runs on each rank before the exchange "
         "(`lightning_compress/momentum.py`). *Gap* is the largest shortfall of the mean "
         "against dense at any epoch from 5 on (goal: at most 1 point on digits' MLP, 2 on the CNN).",
     ]
@@ -269,7 +274,10 @@ def main(argv=None) -> None:
     p.add_argument("--dense-from", default=None, help="another run's .json: also give the gap to its dense runs")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "convergence"))
     p.add_argument("--from-json", action="store_true", help="rewrite the report from <out>.json, without training")
+    p.add_argument("--world", type=int, default=2, help="gloo ranks, each on a fixed 1/world of the training set")
     args = p.parse_args(argv)
+    if args.world < 2:
+        p.error(f"--world must be at least 2, got {args.world}")
     args.tasks = args.tasks.split(",")
     args.optimizers = args.optimizers.split(",")
     args.configs = [c for c in args.configs.split(";") if c and c != DENSE]  # dense is always run first
@@ -277,8 +285,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.from_json:
-        mp.start_processes(worker, args=(2, free_port(), args, str(out.with_suffix(".json"))), nprocs=2,
-                           start_method="spawn")  # fmt: skip
+        mp.start_processes(worker, args=(args.world, free_port(), args, str(out.with_suffix(".json"))),
+                           nprocs=args.world, start_method="spawn")  # fmt: skip
     runs = json.loads(out.with_suffix(".json").read_text())
     out.with_suffix(".md").write_text(report(runs, args))
     try:

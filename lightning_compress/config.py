@@ -121,9 +121,9 @@ class CompressionConfig:
             fastest under compression), ``heavy_ball`` moves it unchanged, ``adam_step`` (Adam and
             AdamW) runs Adam's whole step, both moments, on each rank before the exchange and
             applies the exchanged step, ``optimizer`` leaves it in the optimizer; ``auto`` is
-            ``adam_step`` for Adam and AdamW with ``doublesqueeze`` (without a loss scaler or
-            ``amsgrad``), ``lookahead`` for SGD with momentum, Adam and AdamW otherwise, and
-            ``optimizer`` for the rest.
+            ``adam_step`` for Adam and AdamW with ``doublesqueeze`` on 2 ranks (without a loss
+            scaler or ``amsgrad``), ``lookahead`` for SGD with momentum, Adam and AdamW otherwise,
+            and ``optimizer`` for the rest.
         hierarchical: compress only across nodes (see :mod:`lightning_compress.hierarchy`): inside a
             node the compressed tensors are summed densely (all_to_all of shards, fp32), each rank
             compresses its node's sum of one shard with its own error memory (of shard size) and

@@ -27,7 +27,7 @@ from the parameter's group at every step (so schedules of ``momentum`` or ``beta
   follows the exchanged first moment (Adam's L2 ``weight_decay`` travels with the gradient;
   AdamW's decoupled one stays in the optimizer).
 
-* Adam / AdamW with ``adam_step`` (what ``auto`` picks for DoubleSqueeze, :func:`adam_step_suits`):
+* Adam / AdamW with ``adam_step`` (what ``auto`` picks for DoubleSqueeze on 2 ranks, :func:`adam_step_suits`):
   Adam's whole step runs on each rank, on its own gradient, before the exchange::
 
       u_i = b1 * u_i + (1 - b1) * x_i;   v_i = b2 * v_i + (1 - b2) * x_i**2
@@ -134,13 +134,14 @@ def resolve_mode(
     config: Any = None,
     loss_scaled: bool = False,
     outside: bool = False,
+    world: int | None = None,
 ) -> str:
     """What ``momentum=mode`` does with ``optimizer``: ``lookahead``, ``heavy_ball``, ``adam_step`` or ``optimizer``.
 
-    ``config`` is the exchange's :class:`~lightning_compress.CompressionConfig` (``auto`` picks
-    ``adam_step`` for Adam where :func:`adam_step_suits` it), ``loss_scaled`` whether a loss scaler
-    (fp16 ``GradScaler``) scales the gradients, ``outside`` whether the optimizer holds parameters
-    the exchange does not carry; ``adam_step`` needs neither.
+    ``config`` is the exchange's :class:`~lightning_compress.CompressionConfig` and ``world`` its
+    number of ranks (``auto`` picks ``adam_step`` for Adam where :func:`adam_step_suits` them),
+    ``loss_scaled`` whether a loss scaler (fp16 ``GradScaler``) scales the gradients, ``outside``
+    whether the optimizer holds parameters the exchange does not carry; ``adam_step`` needs neither.
 
     Raises:
         ValueError: the mode moves momentum but the optimizer is not SGD, Adam or AdamW, or its
@@ -155,7 +156,8 @@ def resolve_mode(
             return "optimizer"
         if not moves:
             return "optimizer"
-        if kind == "adam" and adam_step_suits(config) and _adam_step_refusal(optimizer, loss_scaled, outside) is None:
+        suits = adam_step_suits(config, world)
+        if kind == "adam" and suits and _adam_step_refusal(optimizer, loss_scaled, outside) is None:
             return "adam_step"
         return "lookahead"
     if mode == "optimizer":
@@ -180,14 +182,16 @@ def resolve_mode(
     return mode
 
 
-def adam_step_suits(config: Any) -> bool:
-    """Whether ``momentum="auto"`` runs Adam's step before the exchange of ``config``: with DoubleSqueeze,
-    whose result (the sum, compressed again) gives a block one magnitude. On the digits MLP with AdamW
-    (16 seeds) that took the largest gap to dense from epoch 5 from 1.2 to 0.4 points. Elsewhere the
-    look-ahead stays: it already keeps up there, and ``adam_step`` divides by per-rank second moments,
-    not by the average gradient's (sign + ef: 1.0 to 0.3, but 0.4 to 0.6 on the CNN; top-k 1% + ef:
-    0.6 to 0.8; top-k 1% + EF21 in ``benchmarks/momentum_study.py``: 1.2 to 4.0)."""
-    return config is not None and config.feedback == "doublesqueeze"
+def adam_step_suits(config: Any, world: int | None) -> bool:
+    """Whether ``momentum="auto"`` runs Adam's step before the exchange of ``config`` on ``world`` ranks:
+    with DoubleSqueeze, whose result (the sum, compressed again) gives a block one magnitude, on 2 ranks.
+    On the digits MLP with AdamW (16 seeds) that took the largest gap to dense from epoch 5 from 1.2 to
+    0.4 points on 2 ranks, but from 1.1 to 1.4 on 4: ``adam_step`` divides by each rank's own second
+    moment, and a rank's gradient is noisier than the average, the more so the more ranks share the
+    batch. Elsewhere the look-ahead stays: it already keeps up there (with ``adam_step``, on 2 ranks:
+    sign + ef 1.0 to 0.3, but 0.4 to 0.6 on the CNN; top-k 1% + ef 0.6 to 0.8; top-k 1% + EF21 in
+    ``benchmarks/momentum_study.py`` 1.2 to 4.0)."""
+    return config is not None and config.feedback == "doublesqueeze" and world is not None and world <= 2
 
 
 def _adam_step_refusal(optimizer: torch.optim.Optimizer, loss_scaled: bool, outside: bool) -> str | None:
@@ -340,7 +344,7 @@ def attach_optimizer(state, optimizer: torch.optim.Optimizer, loss_scaled: bool 
         raise RuntimeError("an optimizer's momentum is already moved into this exchange; attach one optimizer")
     own = set(state.param_names)
     outside = any(id(p) not in own for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
-    mode = resolve_mode(state.config.momentum, optimizer, state.config, loss_scaled, outside)
+    mode = resolve_mode(state.config.momentum, optimizer, state.config, loss_scaled, outside, state.world_size)
     if mode == "optimizer":
         return None
     attached = ExchangeMomentum(state, optimizer, mode)

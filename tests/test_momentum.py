@@ -263,23 +263,27 @@ def test_auto_moves_sgd_momentum_and_adam_first_moment():
         CompressionConfig(momentum="nesterov")
 
 
-def test_auto_runs_adams_step_before_doublesqueeze_only():
+def test_auto_runs_adams_step_before_doublesqueeze_on_two_ranks_only():
     p = [nn.Parameter(torch.zeros(2))]
     adamw = torch.optim.AdamW(p)
     ds = CompressionConfig(compressor="sign", feedback="doublesqueeze")
-    assert resolve_mode("auto", adamw, ds) == "adam_step"
-    assert resolve_mode("auto", adamw, CompressionConfig(compressor="topk", feedback="doublesqueeze")) == "adam_step"
-    assert resolve_mode("auto", torch.optim.Adam(p), ds) == "adam_step"
+    assert resolve_mode("auto", adamw, ds, world=2) == "adam_step"
+    assert resolve_mode("auto", adamw, CompressionConfig(compressor="topk", feedback="doublesqueeze"), world=2) == "adam_step"
+    assert resolve_mode("auto", torch.optim.Adam(p), ds, world=2) == "adam_step"
+    # on more ranks each rank's own second moment is too noisy (digits MLP, 4 ranks: 1.4 behind against 1.1)
+    for world in (4, 8, None):
+        assert resolve_mode("auto", adamw, ds, world=world) == "lookahead", world
     for other in ("compressor=sign,feedback=ef", "compressor=topk,density=0.01,feedback=ef",
                   "compressor=topk,density=0.01,feedback=ef21", "compressor=randk,feedback=diana"):  # fmt: skip
-        assert resolve_mode("auto", adamw, CompressionConfig.from_string(other)) == "lookahead", other
+        assert resolve_mode("auto", adamw, CompressionConfig.from_string(other), world=2) == "lookahead", other
     assert resolve_mode("auto", adamw) == "lookahead"  # no config: nothing known about the exchange
-    assert resolve_mode("auto", torch.optim.SGD(p, lr=0.1, momentum=0.9), ds) == "lookahead"
+    assert resolve_mode("auto", torch.optim.SGD(p, lr=0.1, momentum=0.9), ds, world=2) == "lookahead"
     # where the exchanged step would be wrong, auto keeps the look-ahead and an explicit request is refused
-    assert resolve_mode("auto", adamw, ds, loss_scaled=True) == "lookahead"
-    assert resolve_mode("auto", torch.optim.AdamW(p, amsgrad=True), ds) == "lookahead"
-    assert resolve_mode("auto", adamw, ds, outside=True) == "lookahead"
+    assert resolve_mode("auto", adamw, ds, loss_scaled=True, world=2) == "lookahead"
+    assert resolve_mode("auto", torch.optim.AdamW(p, amsgrad=True), ds, world=2) == "lookahead"
+    assert resolve_mode("auto", adamw, ds, outside=True, world=2) == "lookahead"
     assert resolve_mode("adam_step", adamw, CompressionConfig(compressor="topk", feedback="ef21")) == "adam_step"
+    assert resolve_mode("adam_step", adamw, ds, world=8) == "adam_step"  # asked for: runs on any number of ranks
     with pytest.raises(ValueError, match="loss scaler"):
         resolve_mode("adam_step", adamw, ds, loss_scaled=True)
     with pytest.raises(ValueError, match="amsgrad"):
