@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from accelerate_compress.flag import adaptive_from_env, adaptive_options, config_from_env, resolve
 from lightning_compress import integration, report
 from lightning_compress.adaptive import attach_gravac
-from lightning_compress.config import CompressionConfig, build_config
+from lightning_compress.config import MOVING_MODES, CompressionConfig, build_config
 from lightning_compress.hook import get_compression_state, register_compression
 from lightning_compress.momentum import attach_optimizer
 from lightning_compress.state import CompressionState
@@ -290,7 +290,7 @@ def attach_prepared_optimizer(accelerator: Any, state: CompressionState) -> None
     if len(found) == 1:
         scaler = getattr(accelerator, "scaler", None)
         attach_optimizer(state, found[0], loss_scaled=integration.current_scale(scaler) is not None)
-    elif len(found) > 1 and state.config.momentum in ("lookahead", "heavy_ball", "adam_step"):
+    elif len(found) > 1 and state.config.momentum in MOVING_MODES:
         raise ValueError(
             f"`momentum={state.config.momentum!r}` moves one optimizer's momentum into the exchange; this model is "
             f"trained by {len(found)} optimizers. Use `momentum='optimizer'` (or 'auto', which then keeps it)."

@@ -24,6 +24,8 @@ __all__ = [
 FEEDBACKS = ("none", "ef", "ef21", "diana", "doublesqueeze")
 TRANSPORTS = ("auto", "allreduce", "allgather", "two_pass")
 MOMENTUM_MODES = ("auto", "lookahead", "heavy_ball", "adam_step", "optimizer")
+#: the modes that always move one optimizer's momentum into the exchange (``auto`` only where it can)
+MOVING_MODES = ("lookahead", "heavy_ball", "adam_step")
 TWO_PASS_FROM = 4  # ranks from which transport='auto' sends non-summable payloads in two compressed passes
 
 

@@ -15,7 +15,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_compress import integration, report
-from lightning_compress.config import CompressionConfig
+from lightning_compress.config import MOVING_MODES, CompressionConfig
 from lightning_compress.hook import register_compression
 from lightning_compress.momentum import attach_optimizer
 from lightning_compress.state import CompressionState
@@ -128,7 +128,7 @@ class _CompressionCore:
             return
         unwrapped = [getattr(o, "optimizer", o) for o in optimizers]  # LightningOptimizer, _FabricOptimizer
         if len(unwrapped) > 1:
-            if state.config.momentum in ("lookahead", "heavy_ball", "adam_step"):
+            if state.config.momentum in MOVING_MODES:
                 raise ValueError(
                     f"`momentum={state.config.momentum!r}` moves one optimizer's momentum into the exchange; this run "
                     f"has {len(unwrapped)} optimizers. Use `momentum='optimizer'` (or 'auto', which then keeps it)."

@@ -487,3 +487,25 @@ def _adam_step_odd_model_worker(rank, world):
 
 def test_adam_step_with_bf16_weights_a_frozen_layer_and_a_tied_weight():
     run_distributed(_adam_step_odd_model_worker)
+
+
+@pytest.mark.parametrize("mode", ["lookahead", "heavy_ball", "adam_step"])
+def test_a_moving_mode_refuses_a_model_trained_by_two_optimizers(mode):
+    """Every mode that moves momentum moves one optimizer's: Accelerate and the strategies refuse two."""
+    from types import SimpleNamespace
+
+    from accelerate_compress.adapter import attach_prepared_optimizer
+    from lightning_compress.state import CompressionState
+    from lightning_compress.strategy import CompressedDDPStrategy
+
+    model = make_model()
+    named = list(model.named_parameters())
+    cfg = CompressionConfig(compressor="sign", feedback="doublesqueeze", momentum=mode, **BASE)
+    state = CompressionState(cfg, {id(p): n for n, p in named}, param_shapes={n: p.shape for n, p in named})
+    two = [torch.optim.AdamW(model[0].parameters()), torch.optim.AdamW(model[2].parameters())]
+    with pytest.raises(ValueError, match="trained by 2 optimizers"):
+        attach_prepared_optimizer(SimpleNamespace(scaler=None, _optimizers=two), state)
+    strategy = SimpleNamespace(_compression_state=state)
+    with pytest.raises(ValueError, match="has 2 optimizers"):
+        CompressedDDPStrategy._attach_optimizers(strategy, two)
+    assert state.momentum is None
